@@ -53,7 +53,9 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
             init.touch()
             written.append(init)
         stem = out_dir / relative / proto.stem
-        written += [Path(f"{stem}{suffix}") for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")]
+        written += [
+            Path(f"{stem}{suffix}") for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+        ]
     return sorted(set(written))
 
 

@@ -1,0 +1,41 @@
+"""Typed Python client of the rerank server: needs only grpcio and protobuf.
+
+Usage: `with RerankerClient("localhost:50051") as client: client.rerank(query, documents, top_n=3)`;
+AsyncRerankerClient is the same for asyncio. Failed calls raise RerankError subclasses.
+"""
+
+from rerank_client.aio import AsyncRerankerClient
+from rerank_client.client import RerankerClient
+from rerank_client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    RerankError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+)
+from rerank_client.retry import RetryPolicy
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Usage
+
+__all__ = [
+    "AsyncRerankerClient",
+    "CancelledError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "NotFoundError",
+    "RankedDocument",
+    "RerankError",
+    "RerankResult",
+    "RerankerClient",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "Timings",
+    "UnavailableError",
+    "Usage",
+    "from_rpc_error",
+]

@@ -1,0 +1,88 @@
+"""Conversions between wire messages and the typed results, in one place so both clients agree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rerank.v1 import reranker_pb2 as pb
+
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Usage
+
+
+def rerank_request(
+    query: str,
+    documents: Iterable[str],
+    *,
+    top_n: int,
+    model: str,
+    return_documents: bool,
+    raw_scores: bool,
+    max_length: int,
+    truncate: bool,
+) -> pb.RerankRequest:
+    """The request for Rerank, or the header of a StreamRerank (then `documents` is its first chunk)."""
+    return pb.RerankRequest(
+        model=model,
+        query=query,
+        documents=documents,
+        top_n=top_n,
+        return_documents=return_documents,
+        raw_scores=raw_scores,
+        max_length=max_length,
+        # Unspecified lets the server cut long pairs (its documented default); NONE makes it refuse them.
+        truncation=pb.TRUNCATION_UNSPECIFIED if truncate else pb.TRUNCATION_NONE,
+    )
+
+
+def documents_chunk(documents: Iterable[str]) -> pb.StreamRerankRequest:
+    """A StreamRerank message carrying more documents after the header."""
+    return pb.StreamRerankRequest(documents=pb.DocumentChunk(documents=documents))
+
+
+def ranked_documents(messages: Iterable[pb.RankedDocument]) -> list[RankedDocument]:
+    """Typed results; `document` stays None unless the server set it (return_documents)."""
+    return [
+        RankedDocument(
+            index=message.index,
+            score=message.score,
+            document=message.document if message.HasField("document") else None,
+        )
+        for message in messages
+    ]
+
+
+def rerank_result(message: pb.RerankResponse) -> RerankResult:
+    """The typed result of Rerank, or of StreamRerank's final message."""
+    usage, timings = message.usage, message.timings
+    return RerankResult(
+        results=ranked_documents(message.results),
+        model=message.model,
+        usage=Usage(documents=usage.documents, tokens=usage.tokens, truncated=usage.truncated),
+        timings=Timings(
+            tokenize_ms=timings.tokenize_ms,
+            queue_ms=timings.queue_ms,
+            inference_ms=timings.inference_ms,
+            total_ms=timings.total_ms,
+        ),
+    )
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    """One served model, as ListModels describes it."""
+    return ModelInfo(
+        name=message.name,
+        family=message.family,
+        max_length=message.max_length,
+        max_length_limit=message.max_length_limit,
+        dtype=message.dtype,
+        devices=list(message.devices),
+        replicas=message.replicas,
+        ready_replicas=message.ready_replicas,
+        ready=message.ready,
+    )
+
+
+def reject_bare_string(documents: object) -> None:
+    """A str is an iterable of str: passed as `documents` it would rerank its characters."""
+    if isinstance(documents, str):
+        raise TypeError("documents must be a collection of strings, not a single str")

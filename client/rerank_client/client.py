@@ -1,0 +1,323 @@
+"""The blocking client of the Reranker service."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from rerank.v1 import reranker_pb2 as pb
+from rerank.v1 import reranker_pb2_grpc
+
+from rerank_client import _convert, _health
+from rerank_client.errors import InternalError, NotFoundError, from_rpc_error
+from rerank_client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class RerankerClient:
+    """Reranks documents against a query on a rerank server, over one gRPC channel.
+
+    `metadata` goes with every call (e.g. an authorization header); `timeout` is the default
+    deadline of a call, retries included; `retry=None` turns retries off. Thread-safe: share one
+    client, and its channel, between threads.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Open a channel to `target` ("host:port"): TLS with `credentials`, plaintext without."""
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._setup(channel, owns_channel=True, metadata=metadata, timeout=timeout, retry=retry)
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.Channel,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+    ) -> Self:
+        """Use a channel the caller opened (custom interceptors, shared channels).
+
+        The channel stays the caller's: close() and the context manager leave it open.
+        """
+        client = cls.__new__(cls)
+        client._setup(channel, owns_channel=False, metadata=metadata, timeout=timeout, retry=retry)
+        return client
+
+    def _setup(
+        self,
+        channel: grpc.Channel,
+        *,
+        owns_channel: bool,
+        metadata: Sequence[tuple[str, str]],
+        timeout: float | None,
+        retry: RetryPolicy | None,
+    ) -> None:
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._metadata = tuple(metadata)
+        self._timeout = timeout
+        self._retry = retry
+        self._stub = reranker_pb2_grpc.RerankerStub(channel)
+        self._health_check: grpc.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.encode_request,
+            response_deserializer=_health.decode_status,
+        )
+
+    def close(self) -> None:
+        """Close the channel if this client opened it; calls under way are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int = 0,
+        model: str = "",
+        return_documents: bool = False,
+        raw_scores: bool = False,
+        max_length: int = 0,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """Score every document against `query`; results are sorted best first, at most `top_n` (0: all).
+
+        `model=""` is the server's default model, `max_length=0` its default token budget of a pair;
+        `truncate=False` makes the server reject a pair that does not fit instead of cutting it.
+        """
+        _convert.reject_bare_string(documents)
+        request = _convert.rerank_request(
+            query,
+            documents,
+            top_n=top_n,
+            model=model,
+            return_documents=return_documents,
+            raw_scores=raw_scores,
+            max_length=max_length,
+            truncate=truncate,
+        )
+        return _convert.rerank_result(self._unary(self._stub.Rerank, request, timeout))
+
+    def stream_rerank(
+        self,
+        query: str,
+        documents: Iterable[str],
+        *,
+        top_n: int,
+        model: str = "",
+        return_documents: bool = False,
+        raw_scores: bool = False,
+        max_length: int = 0,
+        truncate: bool = True,
+        chunk_size: int = 512,
+        on_scored: Callable[[list[RankedDocument]], object] | None = None,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """Rerank a collection too large to hold or send at once; returns the best `top_n`.
+
+        `documents` is read lazily, `chunk_size` at a time, as the server takes them: a generator
+        of millions of strings is never held in memory. `on_scored` receives the scores of
+        documents as the server finishes them (in no particular order), while the stream goes on.
+        The stream is retried only before it is under way: once a document past the first chunk
+        was taken from `documents`, or a response arrived, a failure surfaces.
+        An exception raised by `documents` itself ends the stream and reaches the caller as is.
+        """
+        _convert.reject_bare_string(documents)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        source = iter(documents)
+        first = list(itertools.islice(source, chunk_size))
+        header = pb.StreamRerankRequest(
+            header=_convert.rerank_request(
+                query,
+                first,
+                top_n=top_n,
+                model=model,
+                return_documents=return_documents,
+                raw_scores=raw_scores,
+                max_length=max_length,
+                truncate=truncate,
+            )
+        )
+        stream = _Stream(source, chunk_size, exhausted=len(first) < chunk_size)
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return self._stream_once(stream, header, on_scored, attempts.timeout())
+            except grpc.RpcError as rpc_error:
+                if stream.error is not None:
+                    raise stream.error from None
+                error = from_rpc_error(rpc_error)
+                delay = attempts.backoff(error, retryable=stream.restart())
+                if delay is None:
+                    raise error from rpc_error
+            time.sleep(delay)
+
+    def _stream_once(
+        self,
+        stream: _Stream,
+        header: pb.StreamRerankRequest,
+        on_scored: Callable[[list[RankedDocument]], object] | None,
+        timeout: float | None,
+    ) -> RerankResult:
+        """One attempt: gRPC's own thread pulls the requests while this thread reads the responses."""
+        started: Future[grpc.Call] = Future()
+        responses = self._stub.StreamRerank(
+            stream.requests(header, started), timeout=timeout, metadata=self._metadata
+        )
+        started.set_result(responses)
+        final: pb.RerankResponse | None = None
+        try:
+            for response in responses:
+                stream.responded = True
+                if response.HasField("final"):
+                    final = response.final
+                elif on_scored is not None:
+                    on_scored(_convert.ranked_documents(response.scored.results))
+        finally:
+            # Stops gRPC's request thread when leaving early (on_scored raised); no-op when done.
+            responses.cancel()
+        if final is None:
+            raise InternalError(
+                grpc.StatusCode.INTERNAL, "the server ended StreamRerank without its final response"
+            )
+        return _convert.rerank_result(final)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the server serves, with their limits and readiness."""
+        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [_convert.model_info(model) for model in response.models]
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health status of `service` ("" is the whole server).
+
+        One of "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (the server does not know `service`:
+        its NOT_FOUND answer) or "UNKNOWN".
+        """
+        try:
+            return self._unary(self._health_check, service, timeout)
+        except NotFoundError:
+            return "SERVICE_UNKNOWN"
+
+    def _attempts(self, timeout: float | None) -> Attempts:
+        return Attempts(self._retry, self._timeout if timeout is None else timeout)
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> _Response:
+        """Call `method`, retrying as the policy says, and raise failures as typed errors."""
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return method(request, timeout=attempts.timeout(), metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = attempts.backoff(error)
+                if delay is None:
+                    raise error from rpc_error
+            time.sleep(delay)
+
+
+class _Stream:
+    """The caller's documents after the first chunk, and how far the stream has gone.
+
+    gRPC pulls request messages on a thread of its own. Only the current attempt may take from
+    the caller's iterator: a failed attempt's thread must not take documents that its successor
+    would then never send.
+    """
+
+    def __init__(self, source: Iterator[str], chunk_size: int, *, exhausted: bool) -> None:
+        self._source = source
+        self._chunk_size = chunk_size
+        self._exhausted = exhausted
+        self._lock = threading.Lock()  # held while taking from the source
+        self._attempt = 0
+        self._taken = False
+        self.responded = False
+        self.error: Exception | None = None  # what the caller's iterator raised
+
+    def requests(
+        self, header: pb.StreamRerankRequest, started: Future[grpc.Call]
+    ) -> Iterator[pb.StreamRerankRequest]:
+        """The messages of the current attempt, whose call `started` will hold."""
+        return self._requests(header, started, self._attempt)
+
+    def _requests(
+        self, header: pb.StreamRerankRequest, started: Future[grpc.Call], attempt: int
+    ) -> Iterator[pb.StreamRerankRequest]:
+        yield header
+        while True:
+            try:
+                chunk = self._take(attempt)
+                if not chunk:
+                    return
+                message = _convert.documents_chunk(chunk)
+            except Exception as error:
+                # The caller's iterable failed, or gave a document that is not a str: surface that
+                # error itself rather than gRPC's "Exception iterating requests!".
+                self.error = error
+                started.result().cancel()
+                return
+            yield message
+
+    def _take(self, attempt: int) -> list[str]:
+        with self._lock:
+            if attempt != self._attempt or self._exhausted:
+                return []
+            chunk = list(itertools.islice(self._source, self._chunk_size))
+            self._taken = self._taken or bool(chunk)
+            self._exhausted = len(chunk) < self._chunk_size
+            return chunk
+
+    def restart(self) -> bool:
+        """Retire the current attempt so another may start; False once the stream is under way."""
+        if not self._lock.acquire(blocking=False):
+            return False  # a take is under way
+        try:
+            if self._taken or self.responded:
+                return False
+            self._attempt += 1
+            return True
+        finally:
+            self._lock.release()

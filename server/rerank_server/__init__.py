@@ -1,0 +1,1 @@
+"""rerank-server: a gRPC model server for rerankers."""

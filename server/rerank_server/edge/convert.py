@@ -1,0 +1,71 @@
+"""Protobuf <-> the server's own types; nothing past the edge sees protobuf."""
+
+from __future__ import annotations
+
+from rerank.v1 import reranker_pb2 as pb
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult
+
+from rerank_server.errors import InvalidRequestError
+from rerank_server.types import RerankQuery
+
+_TRUNCATE = {pb.TRUNCATION_UNSPECIFIED: True, pb.TRUNCATION_END: True, pb.TRUNCATION_NONE: False}
+
+
+def rerank_query(request: pb.RerankRequest) -> RerankQuery:
+    truncate = _TRUNCATE.get(request.truncation)
+    if truncate is None:
+        raise InvalidRequestError(f"unknown truncation value {request.truncation}")
+    return RerankQuery(
+        query=request.query,
+        documents=list(request.documents),
+        model=request.model,
+        top_n=request.top_n,
+        return_documents=request.return_documents,
+        raw_scores=request.raw_scores,
+        max_length=request.max_length,
+        truncate=truncate,
+    )
+
+
+def ranked_documents(results: list[RankedDocument]) -> list[pb.RankedDocument]:
+    return [pb.RankedDocument(index=r.index, score=r.score, document=r.document) for r in results]
+
+
+def rerank_response(result: RerankResult) -> pb.RerankResponse:
+    usage, timings = result.usage, result.timings
+    return pb.RerankResponse(
+        results=ranked_documents(result.results),
+        model=result.model,
+        usage=pb.Usage(documents=usage.documents, tokens=usage.tokens, truncated=usage.truncated),
+        timings=pb.Timings(
+            tokenize_ms=timings.tokenize_ms,
+            queue_ms=timings.queue_ms,
+            inference_ms=timings.inference_ms,
+            total_ms=timings.total_ms,
+        ),
+    )
+
+
+def stream_response(event: list[RankedDocument] | RerankResult) -> pb.StreamRerankResponse:
+    if isinstance(event, RerankResult):
+        return pb.StreamRerankResponse(final=rerank_response(event))
+    return pb.StreamRerankResponse(scored=pb.ScoredChunk(results=ranked_documents(event)))
+
+
+def list_models_response(models: list[ModelInfo]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(
+                name=m.name,
+                family=m.family,
+                max_length=m.max_length,
+                max_length_limit=m.max_length_limit,
+                dtype=m.dtype,
+                devices=m.devices,
+                replicas=m.replicas,
+                ready_replicas=m.ready_replicas,
+                ready=m.ready,
+            )
+            for m in models
+        ]
+    )

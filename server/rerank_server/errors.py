@@ -1,0 +1,31 @@
+"""The server's own errors; `edge.status` maps each to a gRPC status code."""
+
+from __future__ import annotations
+
+
+class RerankServerError(Exception):
+    """Base class: the message is what the client reads."""
+
+
+class InvalidRequestError(RerankServerError):
+    pass
+
+
+class ModelNotFoundError(RerankServerError):
+    pass
+
+
+class OverloadedError(RerankServerError):
+    """The queue is full: fail at once so the caller can back off or go elsewhere."""
+
+
+class NoReplicaError(RerankServerError):
+    """No model replica can take work now (none loaded yet, all dead, or draining)."""
+
+
+class ReplicaLostError(RerankServerError):
+    """A replica died twice while holding the same pairs."""
+
+
+class DeadlineExceededError(RerankServerError):
+    pass

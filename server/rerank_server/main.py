@@ -1,0 +1,32 @@
+"""`rerank-server` entry point: settings from the environment and flags, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from rerank_server.settings import ServerSettings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = ServerSettings.from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    # Workers are spawned (fork + exec): let the front-end's tokenizer keep its threads, quietly.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from rerank_server.app import StartupError, serve
+
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        logging.getLogger("rerank_server").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Queueing and dynamic batching of (query, document) pairs across requests."""

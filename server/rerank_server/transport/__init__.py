@@ -1,0 +1,1 @@
+"""Shared-memory transport of batches between the front-end and its workers."""

@@ -1,0 +1,1 @@
+"""Worker processes: one model replica each, supervised by the front-end."""

@@ -1,0 +1,81 @@
+"""Which worker processes to start, on which device, with which dtype and threads.
+
+Pure planning, so it is tested on any machine: GPU discovery is injected.
+A GPU worker sees only its own GPU (CUDA_VISIBLE_DEVICES set before CUDA
+starts), so inside the worker it is always "cuda:0".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    device: str  # what the server reports: "cpu" or "cuda:<physical id>"
+    torch_device: str  # what the worker passes to torch: "cpu" or "cuda:0"
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES for the worker (None: leave as is)
+    dtype: str
+    threads: int  # torch intra-op threads (0: torch's default)
+
+    def worker_environment(self) -> dict[str, str]:
+        """Variables a worker sets before importing torch."""
+        env = {}
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+            env["MKL_NUM_THREADS"] = str(self.threads)
+        return env
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Ids of the GPUs this process may use, without starting CUDA in the front-end."""
+    environ = os.environ if environ is None else environ
+    declared = environ.get("CUDA_VISIBLE_DEVICES")
+    if declared is not None:
+        return [d.strip() for d in declared.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listing.returncode != 0:
+        return []
+    return [line.strip() for line in listing.stdout.splitlines() if line.strip()]
+
+
+def plan_replicas(
+    devices: str, *, cpu_replicas: int, threads_per_replica: int, dtype: str, gpus: list[str], cpu_count: int
+) -> list[ReplicaPlan]:
+    """One plan per worker process. Raises ValueError for a devices setting that cannot be met."""
+    choice = devices.strip().lower()
+    if choice == "auto":
+        chosen = gpus
+    elif choice == "cpu":
+        chosen = []
+    elif choice == "cuda":
+        if not gpus:
+            raise ValueError("devices=cuda but no GPU is visible")
+        chosen = gpus
+    else:
+        chosen = [d.strip().removeprefix("cuda:") for d in choice.split(",") if d.strip()]
+        unknown = [d for d in chosen if d not in gpus]
+        if unknown:
+            raise ValueError(
+                f"GPU(s) {', '.join(unknown)} not visible (visible: {', '.join(gpus) or 'none'})"
+            )
+    if chosen:
+        gpu_dtype = "float16" if dtype == "auto" else dtype
+        return [ReplicaPlan(f"cuda:{gpu}", "cuda:0", gpu, gpu_dtype, 0) for gpu in chosen]
+    cpu_dtype = "float32" if dtype == "auto" else dtype
+    threads = threads_per_replica or max(1, cpu_count // cpu_replicas)
+    return [ReplicaPlan("cpu", "cpu", "", cpu_dtype, threads) for _ in range(cpu_replicas)]

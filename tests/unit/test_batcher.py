@@ -1,0 +1,152 @@
+"""The batcher alone: budgets, length grouping, fairness, waiting, backpressure, dropping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from rerank_server.errors import OverloadedError
+from rerank_server.scheduling.batcher import PairQueue, QueuedPair
+
+
+@dataclass(eq=False)
+class Owner:
+    name: str
+    deadline: float | None = None
+    closed: bool = False
+
+
+def pairs(owner: Owner, lengths: list[int], at: float = 0.0) -> list[QueuedPair]:
+    return [QueuedPair(owner, i, [7] * n, [0] * n, at) for i, n in enumerate(lengths)]
+
+
+def make_queue(tokens: int = 1000, size: int = 100, max_pairs: int = 10_000, wait: float = 0.01) -> PairQueue:
+    return PairQueue(max_batch_tokens=tokens, max_batch_size=size, max_pairs=max_pairs, max_wait=wait)
+
+
+def padded_tokens(batch: list[QueuedPair]) -> int:
+    return len(batch) * max(p.length for p in batch)
+
+
+def test_batches_stay_within_token_budget_and_size() -> None:
+    queue = make_queue(tokens=256, size=10)
+    a = Owner("a")
+    queue.push(a, pairs(a, [10, 50, 30, 64, 5, 20, 40, 60, 7, 33, 12, 64, 64, 64]))
+    seen = 0
+    while len(queue):
+        batch = queue.next_batch(1.0).pairs
+        assert batch
+        assert padded_tokens(batch) <= 256
+        assert len(batch) <= 10
+        seen += len(batch)
+    assert seen == 14
+
+
+def test_pairs_of_similar_length_are_batched_together() -> None:
+    queue = make_queue(tokens=400, size=4)
+    a = Owner("a")
+    lengths = [100, 5, 98, 6, 99, 4, 97, 7]
+    queue.push(a, pairs(a, lengths))
+    first = queue.next_batch(1.0).pairs
+    second = queue.next_batch(1.0).pairs
+    assert sorted(p.length for p in first) == [97, 98, 99, 100]
+    assert sorted(p.length for p in second) == [4, 5, 6, 7]
+
+
+def test_a_small_request_is_not_starved_behind_a_large_one() -> None:
+    queue = make_queue(tokens=10 * 32, size=32)
+    big, small = Owner("big"), Owner("small")
+    queue.push(big, pairs(big, [10] * 1000))
+    queue.push(small, pairs(small, [10] * 3))
+    first = queue.next_batch(1.0).pairs
+    second = queue.next_batch(1.0).pairs
+    assert {p.owner for p in first} == {big}
+    assert [p.owner for p in second][:3] == [small, small, small]
+    # The large request fills what the small one leaves of the batch.
+    assert len(second) == 32
+
+
+def test_a_large_request_is_split_into_many_batches() -> None:
+    queue = make_queue(tokens=64 * 16, size=64)
+    big = Owner("big")
+    queue.push(big, pairs(big, [16] * 640))
+    batches = [queue.next_batch(1.0).pairs for _ in range(10)]
+    assert all(len(b) == 64 for b in batches)
+    assert len(queue) == 0
+    assert sorted(p.index for b in batches for p in b) == list(range(640))
+
+
+def test_an_unfilled_batch_waits_at_most_max_wait() -> None:
+    queue = make_queue(tokens=1000, size=100, wait=0.010)
+    a = Owner("a")
+    queue.push(a, pairs(a, [10, 10], at=5.0))
+    held = queue.next_batch(5.004)
+    assert held.pairs == []
+    assert held.wait_until == pytest.approx(5.010)
+    assert len(queue) == 2
+    assert len(queue.next_batch(5.010).pairs) == 2
+
+
+def test_a_full_batch_goes_at_once_and_flush_does_not_wait() -> None:
+    queue = make_queue(tokens=100, size=100, wait=10.0)
+    a = Owner("a")
+    queue.push(a, pairs(a, [10] * 15, at=0.0))
+    assert len(queue.next_batch(0.0).pairs) == 10  # full: no waiting
+    assert queue.next_batch(0.0).pairs == []  # five left, not full: held
+    assert len(queue.next_batch(0.0, flush=True).pairs) == 5
+
+
+def test_a_full_queue_refuses_the_whole_request_at_once() -> None:
+    queue = make_queue(max_pairs=10)
+    a, b = Owner("a"), Owner("b")
+    queue.push(a, pairs(a, [5] * 8))
+    with pytest.raises(OverloadedError, match="queue full"):
+        queue.push(b, pairs(b, [5] * 3))
+    assert len(queue) == 8
+    queue.check_room(2)
+    with pytest.raises(OverloadedError):
+        queue.check_room(3)
+    queue.push(b, pairs(b, [5] * 3), admit_over_limit=True)
+    assert len(queue) == 11
+
+
+def test_pairs_of_expired_or_closed_requests_never_reach_a_batch() -> None:
+    queue = make_queue(tokens=10_000, size=1000, wait=0.0)
+    live, expired, cancelled = Owner("live"), Owner("expired", deadline=2.0), Owner("cancelled")
+    queue.push(live, pairs(live, [10] * 3))
+    queue.push(expired, pairs(expired, [10] * 4))
+    queue.push(cancelled, pairs(cancelled, [10] * 5))
+    cancelled.closed = True
+    plan = queue.next_batch(3.0)
+    assert {p.owner for p in plan.pairs} == {live}
+    assert plan.expired == [expired]
+    assert plan.dropped_pairs == 9
+    assert len(queue) == 0
+
+
+def test_drop_forgets_a_request() -> None:
+    queue = make_queue()
+    a, b = Owner("a"), Owner("b")
+    queue.push(a, pairs(a, [5] * 4))
+    queue.push(b, pairs(b, [5] * 2))
+    assert queue.drop(a) == 4
+    assert queue.drop(a) == 0
+    assert {p.owner for p in queue.next_batch(9.0).pairs} == {b}
+
+
+def test_requeued_pairs_go_first() -> None:
+    queue = make_queue(tokens=1000, size=2, wait=0.0)
+    a, b = Owner("a"), Owner("b")
+    queue.push(a, pairs(a, [5] * 4))
+    lost = queue.next_batch(1.0).pairs
+    queue.push(b, pairs(b, [5] * 4))
+    queue.requeue(lost)
+    assert queue.next_batch(1.0).pairs == lost
+
+
+def test_later_chunks_of_a_stream_join_its_queue_sorted() -> None:
+    queue = make_queue(tokens=1000, size=3, wait=0.0)
+    a = Owner("a")
+    queue.push(a, pairs(a, [5, 50]))
+    queue.push(a, [QueuedPair(a, 2, [1] * 40, [0] * 40, 0.0)])
+    assert [p.length for p in queue.next_batch(1.0).pairs] == [50, 40, 5]

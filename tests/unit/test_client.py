@@ -1,0 +1,684 @@
+"""The typed client against an in-process fake server whose score of a document is its length."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from fake_reranker import MODEL, MODELS, TIMINGS, Failure, FakeServer
+from grpc_health.v1 import health_pb2
+from rerank.v1 import reranker_pb2 as pb
+from rerank_client import (
+    AsyncRerankerClient,
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    ModelInfo,
+    NotFoundError,
+    RankedDocument,
+    RerankerClient,
+    RerankError,
+    RerankResult,
+    ResourceExhaustedError,
+    RetryPolicy,
+    Timings,
+    UnavailableError,
+    Usage,
+    from_rpc_error,
+)
+
+_T = TypeVar("_T")
+
+#: Tiny pauses so retry tests take milliseconds; no jitter so they are exact.
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.005, jitter=0.0)
+DOCUMENTS = ["a", "bbbb", "cc", "dddd", "eee"]
+#: gRPC sends a timeout rounded up to its wire units: the server may see a little more than was set.
+SLACK = 0.2
+
+
+def expected_order(documents: list[str]) -> list[int]:
+    """The fake's ranking: by length descending, ties by index."""
+    return sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))
+
+
+def document(i: int) -> str:
+    """Stream documents of varied lengths (so the ranking is not trivial)."""
+    return "x" * (i * 7919 % 101) + str(i)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def background_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop on its own thread, driving AsyncRerankerClient for the shared tests."""
+    event_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=event_loop.run_forever, daemon=True)
+    thread.start()
+    yield event_loop
+    event_loop.call_soon_threadsafe(event_loop.stop)
+    thread.join()
+    event_loop.close()
+
+
+class OnLoop:
+    """AsyncRerankerClient driven from the test thread, with RerankerClient's blocking calls."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: str, **kwargs: Any) -> None:
+        self._loop = loop
+        self.client = self._run(self._open(target, kwargs))
+
+    @staticmethod
+    async def _open(target: str, kwargs: dict[str, Any]) -> AsyncRerankerClient:
+        return AsyncRerankerClient(target, **kwargs)  # on the loop: the channel belongs to it
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+
+    def rerank(self, *args: Any, **kwargs: Any) -> RerankResult:
+        return self._run(self.client.rerank(*args, **kwargs))
+
+    def stream_rerank(self, *args: Any, **kwargs: Any) -> RerankResult:
+        return self._run(self.client.stream_rerank(*args, **kwargs))
+
+    def list_models(self, **kwargs: Any) -> list[ModelInfo]:
+        return self._run(self.client.list_models(**kwargs))
+
+    def health(self, *args: Any, **kwargs: Any) -> str:
+        return self._run(self.client.health(*args, **kwargs))
+
+    def close(self) -> None:
+        self._run(self.client.close())
+
+
+Client = RerankerClient | OnLoop
+
+
+@pytest.fixture(params=["sync", "async"])
+def connect(
+    request: pytest.FixtureRequest, server: FakeServer, background_loop: asyncio.AbstractEventLoop
+) -> Iterator[Callable[..., Client]]:
+    """Opens clients of either kind on the fake server (fast retries unless told otherwise)."""
+    opened: list[Client] = []
+
+    def open_client(**kwargs: Any) -> Client:
+        kwargs.setdefault("retry", FAST_RETRY)
+        client: Client
+        if request.param == "sync":
+            client = RerankerClient(server.target, **kwargs)
+        else:
+            client = OnLoop(background_loop, server.target, **kwargs)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+# --- results and conversions ---------------------------------------------------------------------
+
+
+def test_rerank_returns_typed_results(connect: Callable[..., Client]) -> None:
+    result = connect().rerank("q", DOCUMENTS)
+
+    assert isinstance(result, RerankResult)
+    assert result.results == [
+        RankedDocument(index=i, score=float(len(DOCUMENTS[i])), document=None)
+        for i in expected_order(DOCUMENTS)
+    ]
+    assert result.model == MODEL
+    assert result.usage == Usage(
+        documents=len(DOCUMENTS), tokens=sum(len("q") + len(d) for d in DOCUMENTS), truncated=0
+    )
+    assert result.timings == Timings(
+        tokenize_ms=TIMINGS.tokenize_ms,
+        queue_ms=TIMINGS.queue_ms,
+        inference_ms=TIMINGS.inference_ms,
+        total_ms=TIMINGS.total_ms,
+    )
+
+
+def test_documents_come_back_only_when_asked(connect: Callable[..., Client]) -> None:
+    client = connect()
+    with_text = client.rerank("q", DOCUMENTS, return_documents=True)
+    assert [r.document for r in with_text.results] == [DOCUMENTS[r.index] for r in with_text.results]
+    # An empty document echoed back is "", not None: the optional field is set.
+    assert client.rerank("q", [""], return_documents=True).results[0].document == ""
+    assert all(r.document is None for r in client.rerank("q", DOCUMENTS).results)
+
+
+def test_list_models_is_typed(connect: Callable[..., Client]) -> None:
+    models = connect().list_models()
+    assert models == [
+        ModelInfo(
+            name=m.name,
+            family=m.family,
+            max_length=m.max_length,
+            max_length_limit=m.max_length_limit,
+            dtype=m.dtype,
+            devices=list(m.devices),
+            replicas=m.replicas,
+            ready_replicas=m.ready_replicas,
+            ready=m.ready,
+        )
+        for m in MODELS
+    ]
+    assert all(isinstance(m.devices, list) for m in models)
+
+
+# --- what reaches the server ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("truncate", "truncation"), [(True, pb.TRUNCATION_UNSPECIFIED), (False, pb.TRUNCATION_NONE)]
+)
+def test_rerank_options_reach_the_server(
+    connect: Callable[..., Client], server: FakeServer, truncate: bool, truncation: int
+) -> None:
+    result = connect().rerank(
+        "q", DOCUMENTS, top_n=2, model="m2", raw_scores=True, max_length=4, truncate=truncate
+    )
+
+    sent = server.reranker.requests[-1]
+    assert (sent.query, list(sent.documents), sent.model) == ("q", DOCUMENTS, "m2")
+    assert (sent.top_n, sent.raw_scores, sent.max_length, sent.truncation) == (2, True, 4, truncation)
+    assert sent.return_documents is False
+    assert [r.index for r in result.results] == expected_order(DOCUMENTS)[:2]
+    assert result.model == "m2"
+    assert result.usage.truncated == sum(len("q") + len(d) > 4 for d in DOCUMENTS)
+
+
+def test_rerank_defaults_reach_the_server(connect: Callable[..., Client], server: FakeServer) -> None:
+    connect().rerank("q", DOCUMENTS)
+    sent = server.reranker.requests[-1]
+    assert (sent.top_n, sent.model, sent.max_length) == (0, "", 0)
+    assert (sent.raw_scores, sent.return_documents, sent.truncation) == (
+        False,
+        False,
+        pb.TRUNCATION_UNSPECIFIED,
+    )
+
+
+def test_stream_header_carries_the_options(connect: Callable[..., Client], server: FakeServer) -> None:
+    documents = [document(i) for i in range(5)]
+    connect().stream_rerank(
+        "q",
+        iter(documents),
+        top_n=3,
+        model="m2",
+        return_documents=True,
+        raw_scores=True,
+        max_length=64,
+        truncate=False,
+        chunk_size=2,
+    )
+    header = server.reranker.requests[-1]
+    assert (header.query, header.model, header.top_n, header.max_length) == ("q", "m2", 3, 64)
+    assert (header.return_documents, header.raw_scores, header.truncation) == (True, True, pb.TRUNCATION_NONE)
+    assert list(header.documents) == documents[:2]  # the first chunk rides in the header
+
+
+def test_metadata_and_timeouts_reach_the_server(connect: Callable[..., Client], server: FakeServer) -> None:
+    metadata = [("authorization", "Bearer token-1"), ("x-tenant", "acme")]
+    client = connect(metadata=metadata, timeout=30.0)
+
+    client.rerank("q", DOCUMENTS)
+    client.rerank("q", DOCUMENTS, timeout=2.0)
+    client.stream_rerank("q", DOCUMENTS, top_n=1)
+    client.list_models()
+    client.health()
+
+    fake = server.reranker
+    assert fake.attempts == {"Rerank": 2, "StreamRerank": 1, "ListModels": 1, "Check": 1}
+    for seen in fake.metadata:
+        assert {key: seen[key] for key, _ in metadata} == dict(metadata)
+    default, per_call, *others = fake.time_remaining
+    assert default is not None and 20 < default <= 30 + SLACK
+    assert per_call is not None and 0 < per_call <= 2 + SLACK
+    assert all(r is not None and 20 < r <= 30 + SLACK for r in others)
+
+
+def test_no_timeout_means_no_deadline(connect: Callable[..., Client], server: FakeServer) -> None:
+    connect().rerank("q", DOCUMENTS)
+    (remaining,) = server.reranker.time_remaining
+    assert remaining is not None and remaining > 10**6
+
+
+def test_documents_must_not_be_a_bare_string(connect: Callable[..., Client], server: FakeServer) -> None:
+    client = connect()
+    with pytest.raises(TypeError):
+        client.rerank("q", "abc")
+    with pytest.raises(TypeError):
+        client.stream_rerank("q", "abc", top_n=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        client.stream_rerank("q", DOCUMENTS, top_n=1, chunk_size=0)
+    assert not server.reranker.attempts
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "error_class"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+        (grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
+        (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+        (grpc.StatusCode.CANCELLED, CancelledError),
+        (grpc.StatusCode.INTERNAL, InternalError),
+        (grpc.StatusCode.PERMISSION_DENIED, RerankError),
+        (grpc.StatusCode.UNIMPLEMENTED, RerankError),
+    ],
+)
+def test_errors_are_typed(
+    connect: Callable[..., Client],
+    server: FakeServer,
+    code: grpc.StatusCode,
+    error_class: type[RerankError],
+) -> None:
+    server.reranker.fail("Rerank", Failure(code, f"went wrong: {code.name.lower()}"))
+    with pytest.raises(RerankError) as caught:
+        connect(retry=None).rerank("q", DOCUMENTS)
+
+    error = caught.value
+    assert type(error) is error_class
+    assert error.code == code
+    assert error.message == f"went wrong: {code.name.lower()}"
+    assert str(error) == f"{code.name}: {error.message}"
+    assert isinstance(error.__cause__, grpc.RpcError)
+
+
+def test_an_rpc_error_without_status_is_unknown() -> None:
+    error = from_rpc_error(grpc.RpcError())
+    assert type(error) is RerankError
+    assert (error.code, error.message, str(error)) == (grpc.StatusCode.UNKNOWN, "", "UNKNOWN")
+
+
+def test_list_models_and_health_errors_are_typed(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.fail("ListModels", Failure(grpc.StatusCode.INTERNAL, "models broke"))
+    server.reranker.fail("Check", Failure(grpc.StatusCode.PERMISSION_DENIED, "not you"))
+    client = connect()
+    with pytest.raises(InternalError, match="models broke"):
+        client.list_models()
+    with pytest.raises(RerankError, match="not you") as caught:
+        client.health()
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+# --- health ------------------------------------------------------------------------------------
+
+
+def test_health_reports_every_status(connect: Callable[..., Client], server: FakeServer) -> None:
+    client = connect()
+    assert client.health() == "SERVING"
+    statuses = health_pb2.HealthCheckResponse.ServingStatus
+    for number in statuses.values():
+        server.health.set("rerank.v1.Reranker", number)
+        assert client.health("rerank.v1.Reranker") == statuses.Name(number)
+    # The standard servicer answers NOT_FOUND for a service it does not know.
+    assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+UNARY_CALLS: dict[str, Callable[[Client], object]] = {
+    "Rerank": lambda client: client.rerank("q", DOCUMENTS),
+    "ListModels": lambda client: client.list_models(),
+    "Check": lambda client: client.health(),
+}
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+@pytest.mark.parametrize("method", sorted(UNARY_CALLS))
+def test_transient_errors_are_retried(
+    connect: Callable[..., Client], server: FakeServer, method: str, code: grpc.StatusCode
+) -> None:
+    server.reranker.fail(method, Failure(code, "busy"), times=2)
+    UNARY_CALLS[method](connect())
+    assert server.reranker.attempts[method] == 3
+
+
+@pytest.mark.parametrize("method", sorted(UNARY_CALLS))
+def test_retries_stop_at_max_attempts(
+    connect: Callable[..., Client], server: FakeServer, method: str
+) -> None:
+    server.reranker.fail(method, Failure(grpc.StatusCode.UNAVAILABLE, "down"), times=10)
+    with pytest.raises(UnavailableError, match="down"):
+        UNARY_CALLS[method](connect())
+    assert server.reranker.attempts[method] == FAST_RETRY.max_attempts
+
+
+def test_other_errors_are_not_retried(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.fail("Rerank", Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad"), times=3)
+    with pytest.raises(InvalidArgumentError):
+        connect().rerank("q", DOCUMENTS)
+    assert server.reranker.attempts["Rerank"] == 1
+
+
+def test_retry_none_turns_retries_off(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.fail("Rerank", Failure(grpc.StatusCode.UNAVAILABLE, "down"), times=3)
+    with pytest.raises(UnavailableError):
+        connect(retry=None).rerank("q", DOCUMENTS)
+    assert server.reranker.attempts["Rerank"] == 1
+
+
+def test_attempts_share_the_call_timeout(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.fail("Rerank", Failure(grpc.StatusCode.UNAVAILABLE, "down"), times=2)
+    retry = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=0.2, jitter=0.0)
+    # Under a second, gRPC sends timeouts to the millisecond (longer ones are rounded coarser).
+    connect(retry=retry).rerank("q", DOCUMENTS, timeout=0.9)
+
+    first, second, third = server.reranker.time_remaining
+    assert first is not None and second is not None and third is not None
+    assert 0.5 < first <= 0.9 + SLACK
+    # Each attempt gets what is left, not a fresh 0.9 s: the 200 ms pause is gone (the margin
+    # absorbs latencies that differ between attempts on a loaded machine).
+    assert second <= first - 0.1
+    assert third <= second - 0.1
+
+
+def test_no_retry_when_its_pause_would_pass_the_deadline(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    server.reranker.fail("Rerank", Failure(grpc.StatusCode.UNAVAILABLE, "down"), times=3)
+    client = connect(retry=RetryPolicy(initial_backoff=30.0, max_backoff=30.0))
+    started = time.monotonic()
+    with pytest.raises(UnavailableError):
+        client.rerank("q", DOCUMENTS, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert server.reranker.attempts["Rerank"] == 1
+
+
+def test_backoff_grows_to_its_cap_with_bounded_jitter() -> None:
+    exact = RetryPolicy(initial_backoff=0.05, max_backoff=0.3, multiplier=2.0, jitter=0.0)
+    assert [exact.backoff(n) for n in range(1, 6)] == pytest.approx([0.05, 0.1, 0.2, 0.3, 0.3])
+    assert exact.backoff(100_000) == pytest.approx(0.3)  # no overflow
+
+    jittered = RetryPolicy(initial_backoff=0.2, max_backoff=1.0, jitter=0.5)
+    delays = [jittered.backoff(1) for _ in range(200)]
+    assert all(0.1 <= d <= 0.2 for d in delays)
+    assert len(set(delays)) > 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"max_attempts": 0}, {"initial_backoff": -1.0}, {"multiplier": 0.5}, {"jitter": 1.5}],
+)
+def test_retry_policy_rejects_nonsense(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**settings)
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+def test_stream_rerank_reads_documents_lazily_and_reports_scores_as_they_come(server: FakeServer) -> None:
+    total, chunk_size, top_n = 100_000, 512, 5
+    taken = 0
+    first_scores = threading.Event()
+    taken_at_first_scores: list[int] = []
+    batches: list[list[RankedDocument]] = []
+
+    def documents() -> Iterator[str]:
+        nonlocal taken
+        for i in range(total):
+            # Past the third chunk, wait for scores: a client that drained the generator before
+            # reporting scores (or before sending) would stall here, and fail.
+            if i == 3 * chunk_size and not first_scores.wait(timeout=10):
+                raise AssertionError("no scores were reported while the documents were still being read")
+            taken += 1
+            yield document(i)
+
+    def on_scored(batch: list[RankedDocument]) -> None:
+        if not first_scores.is_set():
+            taken_at_first_scores.append(taken)
+            first_scores.set()
+        batches.append(batch)
+
+    with RerankerClient(server.target) as client:
+        result = client.stream_rerank(
+            "q", documents(), top_n=top_n, chunk_size=chunk_size, on_scored=on_scored
+        )
+
+    assert taken_at_first_scores[0] <= 3 * chunk_size < total
+    assert taken == total
+    check_stream_result(result, batches, total, chunk_size, top_n)
+
+
+def check_stream_result(
+    result: RerankResult, batches: list[list[RankedDocument]], total: int, chunk_size: int, top_n: int
+) -> None:
+    """The fake scores each request message as it arrives: one batch per chunk, then the final."""
+    assert [len(b) for b in batches] == [chunk_size] * (total // chunk_size) + [total % chunk_size]
+    scored = sorted((d for batch in batches for d in batch), key=lambda d: d.index)
+    assert [d.index for d in scored] == list(range(total))
+    assert all(d.score == len(document(d.index)) and d.document is None for d in scored)
+    best = sorted(range(total), key=lambda i: (-len(document(i)), i))[:top_n]
+    assert [r.index for r in result.results] == best
+    assert result.usage.documents == total
+
+
+async def test_async_stream_rerank_reads_an_async_iterable_lazily(server: FakeServer) -> None:
+    total, chunk_size, top_n = 100_000, 512, 5
+    taken = 0
+    first_scores = asyncio.Event()
+    taken_at_first_scores: list[int] = []
+    batches: list[list[RankedDocument]] = []
+
+    async def documents() -> AsyncIterator[str]:
+        nonlocal taken
+        for i in range(total):
+            if i == 3 * chunk_size:
+                await asyncio.wait_for(first_scores.wait(), timeout=10)
+            taken += 1
+            yield document(i)
+
+    async def on_scored(batch: list[RankedDocument]) -> None:  # a coroutine function is awaited
+        await asyncio.sleep(0)
+        if not first_scores.is_set():
+            taken_at_first_scores.append(taken)
+            first_scores.set()
+        batches.append(batch)
+
+    async with AsyncRerankerClient(server.target) as client:
+        result = await client.stream_rerank(
+            "q", documents(), top_n=top_n, chunk_size=chunk_size, on_scored=on_scored
+        )
+
+    assert taken_at_first_scores[0] <= 3 * chunk_size < total
+    assert taken == total
+    check_stream_result(result, batches, total, chunk_size, top_n)
+
+
+def test_stream_rerank_returns_the_final_result(connect: Callable[..., Client]) -> None:
+    documents = [document(i) for i in range(50)]
+    batches: list[list[RankedDocument]] = []
+    result = connect().stream_rerank(
+        "q", iter(documents), top_n=4, chunk_size=8, return_documents=True, on_scored=batches.append
+    )
+    order = expected_order(documents)[:4]
+    assert result.results == [RankedDocument(i, float(len(documents[i])), documents[i]) for i in order]
+    assert result.model == MODEL
+    assert result.usage.tokens == sum(len("q") + len(d) for d in documents)
+    assert sum(len(b) for b in batches) == len(documents)
+
+
+def test_stream_errors_are_typed(connect: Callable[..., Client], server: FakeServer) -> None:
+    client = connect()
+    server.reranker.fail("StreamRerank", Failure(grpc.StatusCode.INVALID_ARGUMENT, "top_n too big"))
+    with pytest.raises(InvalidArgumentError, match="top_n too big") as caught:
+        client.stream_rerank("q", DOCUMENTS, top_n=1)
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+    server.reranker.fail("StreamRerank", Failure(grpc.StatusCode.INTERNAL, "replica died", after_messages=1))
+    with pytest.raises(InternalError, match="replica died"):
+        client.stream_rerank("q", DOCUMENTS, top_n=1)
+
+
+def test_stream_without_final_is_an_error(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.stream_final = False
+    with pytest.raises(InternalError, match="final") as caught:
+        connect().stream_rerank("q", DOCUMENTS, top_n=1)
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+
+
+def test_stream_is_retried_before_it_is_under_way(connect: Callable[..., Client], server: FakeServer) -> None:
+    server.reranker.fail("StreamRerank", Failure(grpc.StatusCode.UNAVAILABLE, "starting"), times=2)
+    documents = [document(i) for i in range(10)]
+    # A generator can be read once: the retries must resend the first chunk the client kept.
+    result = connect().stream_rerank("q", (d for d in documents), top_n=3)
+    assert server.reranker.attempts["StreamRerank"] == 3
+    # The failed attempts ended before reading; the last got the whole first chunk again.
+    assert [list(header.documents) for header in server.reranker.requests] == [documents]
+    assert [r.index for r in result.results] == expected_order(documents)[:3]
+
+
+def test_stream_is_not_retried_once_a_response_arrived(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    server.reranker.fail(
+        "StreamRerank", Failure(grpc.StatusCode.UNAVAILABLE, "lost", after_messages=1), times=3
+    )
+    batches: list[list[RankedDocument]] = []
+    with pytest.raises(UnavailableError, match="lost"):
+        connect().stream_rerank("q", DOCUMENTS, top_n=1, on_scored=batches.append)
+    assert server.reranker.attempts["StreamRerank"] == 1
+    assert len(batches) == 1
+
+
+def test_stream_is_not_retried_once_documents_past_the_first_chunk_were_taken(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    server.reranker.stream_echo = False  # no response: only the taking makes the stream under way
+    server.reranker.fail(
+        "StreamRerank", Failure(grpc.StatusCode.UNAVAILABLE, "lost", after_messages=2), times=3
+    )
+    with pytest.raises(UnavailableError):
+        connect().stream_rerank("q", (document(i) for i in range(30)), top_n=1, chunk_size=10)
+    assert server.reranker.attempts["StreamRerank"] == 1
+
+
+def test_an_error_of_the_documents_iterable_reaches_the_caller(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    def documents() -> Iterator[str]:
+        for i in range(25):
+            yield document(i)
+        raise LookupError("the source broke")
+
+    with pytest.raises(LookupError, match="the source broke"):
+        connect().stream_rerank("q", documents(), top_n=1, chunk_size=10)
+    # Not retried (the cancelled call may even end before the server counts it).
+    assert server.reranker.attempts["StreamRerank"] <= 1
+
+
+def test_an_error_of_on_scored_reaches_the_caller(connect: Callable[..., Client]) -> None:
+    def on_scored(batch: list[RankedDocument]) -> None:
+        raise KeyError("callback broke")
+
+    with pytest.raises(KeyError, match="callback broke"):
+        connect().stream_rerank("q", DOCUMENTS, top_n=1, on_scored=on_scored)
+
+
+# --- channels ----------------------------------------------------------------------------------
+
+
+def test_context_manager_closes_the_channel(server: FakeServer) -> None:
+    with RerankerClient(server.target) as client:
+        assert client.health() == "SERVING"
+    with pytest.raises(ValueError, match="closed channel"):
+        client.rerank("q", DOCUMENTS)
+
+
+async def test_async_context_manager_closes_the_channel(server: FakeServer) -> None:
+    async with AsyncRerankerClient(server.target) as client:
+        assert await client.health() == "SERVING"
+    with pytest.raises(grpc.aio.UsageError, match="closed"):
+        await client.rerank("q", DOCUMENTS)
+
+
+def test_a_borrowed_channel_stays_open(server: FakeServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        with RerankerClient.from_channel(channel, metadata=[("x-tenant", "acme")], retry=None) as client:
+            client.rerank("q", DOCUMENTS)
+        assert RerankerClient.from_channel(channel).health() == "SERVING"
+    assert server.reranker.metadata[0]["x-tenant"] == "acme"
+
+
+async def test_a_borrowed_async_channel_stays_open(server: FakeServer) -> None:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        async with AsyncRerankerClient.from_channel(channel, timeout=5.0) as client:
+            await client.rerank("q", DOCUMENTS)
+        assert await AsyncRerankerClient.from_channel(channel).health() == "SERVING"
+    (remaining, _) = server.reranker.time_remaining
+    assert remaining is not None and remaining <= 5 + SLACK
+
+
+# --- dependencies ------------------------------------------------------------------------------
+
+CLIENT_ONLY = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    BLOCKED = {"torch", "numpy", "transformers", "pydantic", "pydantic_settings", "grpc_health"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked: the client must not need it")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    assert not BLOCKED & set(sys.modules), "imported before the block"
+    try:
+        import grpc_health
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("the block does not work")
+
+    from rerank_client import RerankerClient
+
+    with RerankerClient(sys.argv[1]) as client:
+        result = client.rerank("q", ["a", "ccc", "bb"], return_documents=True)
+        streamed = client.stream_rerank("q", iter(["dd", "e"]), top_n=1)
+        print(json.dumps({
+            "documents": [r.document for r in result.results],
+            "streamed": [r.index for r in streamed.results],
+            "health": client.health(),
+            "models": [m.name for m in client.list_models()],
+            "blocked_loaded": sorted(BLOCKED & {m.partition(".")[0] for m in sys.modules}),
+        }))
+    """
+)
+
+
+def test_the_client_needs_only_grpcio_and_protobuf(server: FakeServer) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY, server.target], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {
+        "documents": ["ccc", "bb", "a"],
+        "streamed": [0],
+        "health": "SERVING",
+        "models": [m.name for m in MODELS],
+        "blocked_loaded": [],
+    }
