@@ -84,10 +84,13 @@ def load_served_model(settings: ServerSettings) -> tuple[ServedModel, PairEncode
         )
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot serve model {settings.model!r}: {exc}") from exc
-    limit = min(spec.max_length_limit, settings.max_batch_tokens)
+    limit = min(spec.max_length_limit, settings.max_batch_tokens // spec.row_length(1))
     default = settings.max_length or min(spec.default_max_length, limit)
     if default > limit:
-        raise StartupError(f"max_length {default} exceeds the model's limit {limit}")
+        raise StartupError(
+            f"max_length {default} exceeds the limit {limit} (of the model, and of max_batch_tokens "
+            f"{settings.max_batch_tokens})"
+        )
     model = ServedModel(
         settings.served_name, spec, plans[0].dtype, tuple(p.device for p in plans), default, limit
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -76,12 +76,6 @@ class ServerSettings(BaseSettings):
         1.0, ge=0, description="First wait before restarting a dead worker (doubles, up to 30 s)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
-
-    @model_validator(mode="after")
-    def _batch_fits_a_pair(self) -> ServerSettings:
-        if self.max_length and self.max_length > self.max_batch_tokens:
-            raise ValueError(f"max_length {self.max_length} exceeds max_batch_tokens {self.max_batch_tokens}")
-        return self
 
     @property
     def served_name(self) -> str:

@@ -28,6 +28,11 @@ class ModelSpec:
     max_length_limit: int  # the most a request may ask for (position embeddings)
     min_max_length: int  # the least max_length that leaves room for text
 
+    def row_length(self, max_length: int) -> int:
+        """The longest token row a pair may become under max_length (a batch must hold one)."""
+        # A bi-encoder row carries the query and the document, each up to max_length.
+        return 2 * max_length if self.family == "bi-encoder" else max_length
+
 
 @dataclass(frozen=True)
 class EncodedPair:

@@ -1,0 +1,129 @@
+"""Failures and shutdown of the real server: killed workers, no live replica, SIGTERM, a killed front-end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from rerank_client import RerankerClient, RerankError, UnavailableError
+
+from integration.conftest import StartServer
+from integration.server_process import ServerProcess, _alive
+from integration.test_serving import QUERY, corpus
+
+pytestmark = pytest.mark.integration
+
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def tiny_server(start: StartServer, model: Path, *extra: str) -> ServerProcess:
+    return start("--model", str(model), "--cpu-replicas", "2", "--restart-backoff-s", "0.5", *extra)
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    """Poll until condition() is true; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_killed_worker_loses_no_request_and_is_replaced(
+    start_server: StartServer, bert_cross_encoder_dir: Path
+) -> None:
+    server = tiny_server(start_server, bert_cross_encoder_dir)
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    with RerankerClient(server.target, retry=None) as client:
+        expected = {r.index: r.score for r in client.rerank(QUERY, corpus(300)).results}
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def load(seed: int) -> None:
+        with RerankerClient(server.target, retry=None) as own:
+            while not stop.is_set():
+                try:
+                    result = own.rerank(QUERY, corpus(300), timeout=60)
+                except RerankError as exc:
+                    outcomes.append("retriable" if exc.code in RETRIABLE else f"failed: {exc}")
+                    continue
+                got = {r.index: r.score for r in result.results}
+                ok = got.keys() == expected.keys() and all(abs(got[i] - expected[i]) < 1e-5 for i in got)
+                outcomes.append("ok" if ok else "wrong scores")
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(load, i) for i in range(6)]
+        wait_until(lambda: len(outcomes) >= 6, 60, "load")
+        os.kill(workers[0], signal.SIGKILL)
+        recovered = wait_until(
+            lambda: server.metric("rerank_replicas_ready") == 2 and workers[0] not in server.worker_pids(),
+            60,
+            "a replacement worker",
+        )
+        served_before_stop = len(outcomes)
+        time.sleep(1.0)
+        stop.set()
+        for future in futures:
+            future.result(timeout=90)  # no request hangs
+    assert server.metric("rerank_worker_restarts_total") == 1
+    assert server.metric("rerank_batches_lost_total") >= 1
+    assert recovered < 30
+    assert len(outcomes) > served_before_stop  # served again after the restart
+    bad = [o for o in outcomes if o not in ("ok", "retriable")]
+    assert bad == []
+    assert "ok" in outcomes
+    assert len(server.worker_pids()) == 2
+
+
+def test_with_no_live_replica_requests_get_unavailable(
+    start_server: StartServer, bert_cross_encoder_dir: Path
+) -> None:
+    server = tiny_server(start_server, bert_cross_encoder_dir, "--restart-backoff-s", "3")
+    for pid in server.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server.metric("rerank_replicas_ready") == 0, 30, "replicas down")
+    with RerankerClient(server.target, retry=None) as client:
+        with pytest.raises(UnavailableError, match="no model replica"):
+            client.rerank(QUERY, ["a"])
+        assert client.health() == "NOT_SERVING"
+        wait_until(lambda: client.health() == "SERVING", 120, "recovery")
+        assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+
+
+def test_sigterm_drains_calls_in_flight_and_exits_zero(
+    start_server: StartServer, bert_cross_encoder_dir: Path
+) -> None:
+    server = tiny_server(start_server, bert_cross_encoder_dir)
+    workers = server.worker_pids()
+    with RerankerClient(server.target, retry=None) as client, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(client.rerank, QUERY, corpus(8000), top_n=3, timeout=120)
+        wait_until(lambda: server.metric("rerank_pairs_scored_total") > 0, 60, "the call to start")
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in server.log(), 10, "draining")
+        with pytest.raises(RerankError) as refused:
+            client.rerank(QUERY, ["late"], timeout=10)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert len(in_flight.result(timeout=120).results) == 3
+    assert server.process.wait(60) == 0
+    wait_until(lambda: not any(_alive(p) for p in workers), 15, "workers to exit")
+    assert server.leftover_shared_memory() == []
+
+
+def test_a_killed_front_end_leaves_no_workers_and_no_shared_memory(
+    start_server: StartServer, bert_cross_encoder_dir: Path
+) -> None:
+    server = tiny_server(start_server, bert_cross_encoder_dir)
+    workers = server.worker_pids()
+    assert server.leftover_shared_memory()  # the segments exist while it runs
+    server.process.kill()
+    server.process.wait(30)
+    wait_until(lambda: not any(_alive(p) for p in workers), 30, "workers to exit")
+    wait_until(lambda: server.leftover_shared_memory() == [], 30, "shared memory to be freed")
