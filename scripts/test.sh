@@ -6,4 +6,5 @@ bash scripts/bootstrap.sh server,test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy client/rerank_client server/rerank_server
 .venv/bin/python -m pytest "$@"

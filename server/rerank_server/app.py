@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import numpy.typing as npt
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer  # public alias: health.aio
 from grpc_reflection.v1alpha import reflection
 from rerank.v1 import reranker_pb2, reranker_pb2_grpc
 
@@ -43,7 +44,7 @@ class StartupError(Exception):
 class _PoolEvents:
     """Forwards worker pool events to the scheduler, and keeps health in step with live replicas."""
 
-    def __init__(self, scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, scheduler: Scheduler, health_servicer: AsyncHealthServicer) -> None:
         self._scheduler = scheduler
         self._health = health_servicer
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,7 +64,7 @@ class _PoolEvents:
             task.add_done_callback(self._tasks.discard)
 
 
-async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+async def set_health(servicer: AsyncHealthServicer, status: int) -> None:
     for service in ("", SERVICE_NAME):
         await servicer.set(service, status)
 
@@ -121,7 +122,7 @@ async def serve(settings: ServerSettings, on_listening: Callable[[int], None] | 
             settings.max_wait_ms / 1000,
         )
         scheduler = Scheduler(queue, pool, encoder.pad_token_id, metrics)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = AsyncHealthServicer()
         await set_health(health_servicer, NOT_SERVING)
         events = _PoolEvents(scheduler, health_servicer)
         pool.start(events)

@@ -41,3 +41,27 @@ def test_the_default_model_serves_with_no_settings(start_server: StartServer, mi
     for r in normalized.results:
         assert r.score == pytest.approx((got[r.index] + 1) / 2, abs=1e-6)
     assert raw.usage.truncated == 1
+
+
+def test_the_readme_client_example_runs_as_written(start_server: StartServer) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = [
+        block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "RerankerClient(" in block
+    ]
+    server = start_server("--cpu-replicas", "1")
+    ran = subprocess.run(
+        [sys.executable, "-c", example],
+        env={**os.environ, "RERANK_TARGET": server.target},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    first_line = ran.stdout.splitlines()[0].split()
+    assert first_line[0] == "0"  # the panda document ranks first
+    assert "SERVING" in ran.stdout

@@ -329,3 +329,18 @@ def test_a_cancelled_call_keeps_the_rest_of_the_request_out_of_the_model(server:
 
 def _dropped(server: ServerProcess) -> float:
     return sum(server.metric("rerank_pairs_dropped_total", {"reason": r}) for r in ("cancelled", "deadline"))
+
+
+def test_the_container_health_check_command(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    from integration.server_process import free_port
+
+    command = [sys.executable, "-m", "rerank_client.healthcheck"]
+    healthy = subprocess.run([*command, server.target], capture_output=True, text=True, timeout=60)
+    assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+    nobody = subprocess.run(
+        [*command, f"127.0.0.1:{free_port()}", "--timeout", "1"], capture_output=True, timeout=60
+    )
+    assert nobody.returncode == 1

@@ -156,3 +156,16 @@ def test_batch_arrays_are_right_padded_with_a_mask() -> None:
     np.testing.assert_array_equal(arrays.input_ids, [[5, 6, 7], [8, 99, 99]])
     np.testing.assert_array_equal(arrays.attention_mask, [[1, 1, 1], [1, 0, 0]])
     np.testing.assert_array_equal(arrays.token_type_ids, [[0, 0, 1], [0, 0, 0]])
+
+
+async def test_stopping_fails_queued_and_in_flight_requests() -> None:
+    pool = FakePool(replicas=1, slots=1)
+    scheduler, _ = make(pool, size=1)
+    running = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(running, encoded([1]), first_index=0)
+    waiting = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(waiting, encoded([2]), first_index=0)
+    scheduler.fail_all(NoReplicaError("stopping"))
+    for ticket in (running, waiting):
+        with pytest.raises(NoReplicaError, match="stopping"):
+            await ticket.wait_until_pending_at_most(0)

@@ -237,7 +237,7 @@ class Scheduler:
             _ticket(owner).fail(error)
         for pairs in self._in_flight.values():
             for pair in pairs:
-                pair._ticket(owner).fail(error)
+                _ticket(pair.owner).fail(error)
         self._in_flight.clear()
         self._metrics.queued_pairs.set(0)
 

@@ -107,10 +107,13 @@ class OwnedSegment:
 
     def __init__(self, layout: SegmentLayout, label: str = "") -> None:
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{label}{secrets.token_hex(4)}"
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
-        self.name = self._shm.name.lstrip("/")
+        shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
+        if shm.buf is None:
+            raise OSError(f"shared memory segment {name} has no buffer")
+        self._shm: shared_memory.SharedMemory | None = shm
+        self.name = shm.name.lstrip("/")
         self.layout = layout
-        self._views = _SegmentViews(self._shm.buf, layout)
+        self._views = _SegmentViews(shm.buf, layout)
 
     def write_batch(self, batch_id: int, segment_index: int, arrays: BatchArrays) -> BatchDescriptor:
         rows, cols = arrays.input_ids.shape
@@ -130,7 +133,7 @@ class OwnedSegment:
         self._views.release()
         self._shm.close()
         self._shm.unlink()
-        self._shm = None  # type: ignore[assignment]
+        self._shm = None
 
 
 class AttachedSegment:

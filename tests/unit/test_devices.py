@@ -1,0 +1,50 @@
+"""Device planning and worker pinning, on any machine (GPU discovery is injected)."""
+
+from __future__ import annotations
+
+import pytest
+from rerank_server.workers.devices import ReplicaPlan, plan_replicas, visible_gpus
+
+
+def plan(devices: str, gpus: list[str], **kwargs: object) -> list[ReplicaPlan]:
+    options = {"cpu_replicas": 1, "threads_per_replica": 0, "dtype": "auto", "cpu_count": 8, **kwargs}
+    return plan_replicas(devices, gpus=gpus, **options)  # type: ignore[arg-type]
+
+
+def test_auto_takes_every_visible_gpu_one_worker_each_in_float16() -> None:
+    plans = plan("auto", ["0", "1", "3"])
+    assert [p.device for p in plans] == ["cuda:0", "cuda:1", "cuda:3"]
+    assert all(p.torch_device == "cuda:0" for p in plans)  # each worker sees only its own GPU
+    assert [p.worker_environment()["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1", "3"]
+    assert {p.dtype for p in plans} == {"float16"}
+
+
+def test_auto_without_gpus_is_the_cpu_in_float32_with_threads_shared() -> None:
+    plans = plan("auto", [], cpu_replicas=2)
+    assert [(p.device, p.torch_device, p.dtype, p.threads) for p in plans] == [
+        ("cpu", "cpu", "float32", 4)
+    ] * 2
+    env = plans[0].worker_environment()
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU worker never touches a GPU
+
+
+def test_explicit_choices() -> None:
+    assert [p.device for p in plan("1", ["0", "1"])] == ["cuda:1"]
+    assert [p.device for p in plan("cuda:0,cuda:1", ["0", "1"])] == ["cuda:0", "cuda:1"]
+    assert [p.device for p in plan("cpu", ["0"], cpu_replicas=3)] == ["cpu"] * 3
+    assert plan("cuda", ["0"], dtype="bfloat16")[0].dtype == "bfloat16"
+    assert plan("cpu", [], cpu_replicas=3, threads_per_replica=1)[0].threads == 1
+
+
+def test_impossible_choices_are_refused() -> None:
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        plan("cuda", [])
+    with pytest.raises(ValueError, match="not visible"):
+        plan("2", ["0", "1"])
+
+
+def test_visible_gpus_follow_cuda_visible_devices() -> None:
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
