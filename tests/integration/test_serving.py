@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,9 +149,10 @@ def test_results_are_sorted_and_cut_to_top_n(client: RerankerClient) -> None:
     assert len(client.rerank(QUERY, documents, top_n=1000).results) == len(documents)
 
 
-def test_stream_of_20000_documents_matches_rerank(client: RerankerClient) -> None:
+def test_stream_of_20000_documents_matches_rerank(server: ServerProcess, client: RerankerClient) -> None:
     documents = corpus(20_000)
     unary = client.rerank(QUERY, documents, top_n=10, return_documents=True)
+    wait_idle(server)
     taken = 0
 
     def lazily():
@@ -169,9 +171,24 @@ def test_stream_of_20000_documents_matches_rerank(client: RerankerClient) -> Non
         batches.append(len(chunk))
         seen.update(r.index for r in chunk)
 
-    streamed = client.stream_rerank(
-        QUERY, lazily(), top_n=10, return_documents=True, chunk_size=500, on_scored=on_scored
-    )
+    queued: list[float] = []
+    streaming = threading.Event()
+
+    def sample_queue() -> None:
+        while not streaming.wait(0.02):
+            queued.append(server.metric("rerank_queued_pairs"))
+
+    sampler = threading.Thread(target=sample_queue)
+    sampler.start()
+    try:
+        streamed = client.stream_rerank(
+            QUERY, lazily(), top_n=10, return_documents=True, chunk_size=500, on_scored=on_scored
+        )
+    finally:
+        streaming.set()
+        sampler.join()
+    # The server holds at most its window (1024 here) of the stream, however long the stream is.
+    assert 0 < max(queued) <= 1024
     assert len(batches) > 1  # scores came as they finished, before the final
     assert sum(batches) == 20_000 and seen == set(range(20_000))
     assert [r.index for r in streamed.results] == [r.index for r in unary.results]

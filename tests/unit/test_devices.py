@@ -48,3 +48,20 @@ def test_visible_gpus_follow_cuda_visible_devices() -> None:
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}) == ["2", "5"]
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def _torch_imported_before_pinning() -> None:
+    import sys
+
+    import rerank_server.workers.worker  # noqa: F401 - what a spawned worker unpickles first
+
+    sys.exit(1 if "torch" in sys.modules else 0)
+
+
+def test_a_spawned_worker_has_not_imported_torch_when_it_pins_its_device() -> None:
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_torch_imported_before_pinning)
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0
