@@ -160,8 +160,8 @@ def build_cross_encoder(path: str, seed: int) -> None:
         max_position_embeddings=512,
         type_vocab_size=2,
         pad_token_id=0,
-        num_labels=1,
     )
+    config.num_labels = 1  # one logit, the relevance score
     torch.manual_seed(seed)
     BertForSequenceClassification(config).eval().save_pretrained(target)
     for name in TOKENIZER_FILES:
