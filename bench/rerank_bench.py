@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ class PhaseResult:
     latency_ms: dict[str, float]
     errors: dict[str, int]
     server_timings_p50_ms: dict[str, float] | None = None
+    batches: dict[str, float] | None = None  # from the server's /metrics, over the window
     tokens_per_pair: float | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
@@ -401,6 +403,7 @@ class ServerUnderTest:
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.target = ""
+        self._seen: dict[int, str] = {}  # every child seen, so orphans can still be found and killed
 
     def __enter__(self) -> ServerUnderTest:
         return self
@@ -408,9 +411,24 @@ class ServerUnderTest:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.process.poll() is None or any(_alive(pid) for pid, _ in _children(self.process.pid)):
+        if self.process.poll() is None or self._orphans():
             self.kill()
         self._log.close()
+
+    def children(self) -> list[tuple[int, str]]:
+        found = _children(self.process.pid)
+        self._seen.update(found)
+        return found
+
+    def _orphans(self) -> list[int]:
+        """Children seen earlier that still run the same command (so never a reused pid)."""
+        alive = []
+        for pid, cmdline in self._seen.items():
+            with contextlib.suppress(OSError):
+                now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if now == cmdline and _alive(pid):
+                    alive.append(pid)
+        return alive
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -441,11 +459,11 @@ class ServerUnderTest:
 
     def worker_pids(self) -> list[int]:
         """Spawned model workers (not multiprocessing's resource tracker)."""
-        return [pid for pid, cmdline in _children(self.process.pid) if "spawn_main" in cmdline]
+        return [pid for pid, cmdline in self.children() if "spawn_main" in cmdline]
 
     def stop(self, timeout: float = 90) -> Shutdown:
         """SIGTERM, then check the exit code, that every child ended and /dev/shm is clean."""
-        children = [pid for pid, _ in _children(self.process.pid)]
+        children = [pid for pid, _ in self.children()]
         workers = self.worker_pids()
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -461,15 +479,48 @@ class ServerUnderTest:
 
     def kill(self) -> None:
         """SIGKILL the server, then its children; remove its shared memory if its tracker could not."""
-        children = [pid for pid, _ in _children(self.process.pid)]
+        self.children()
         _kill(self.process.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(30)
+        children = self._orphans()
         for pid in children:
             _kill(pid)
         _wait_gone(children, 10)
         for segment in SHM_DIR.glob(f"rerank-{self.process.pid}-*"):
             segment.unlink(missing_ok=True)
+
+    def batch_counters(self) -> dict[str, float]:
+        """Cumulative batch counters from the server's /metrics (127.0.0.1 only)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read().decode()
+        wanted = {
+            "rerank_batches_total": "batches",
+            "rerank_batch_pairs_sum": "pairs",
+            "rerank_batch_padded_tokens_sum": "padded_tokens",
+            "rerank_batch_inference_seconds_sum": "inference_s",
+        }
+        values = dict.fromkeys(wanted.values(), 0.0)
+        for line in body.splitlines():
+            name, _, value = line.partition(" ")
+            if name in wanted:
+                values[wanted[name]] = float(value)
+        return values
+
+
+def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batches run in a window, with their mean rows, padded tokens and model time."""
+    delta = {key: after[key] - before[key] for key in before}
+    batches = delta["batches"]
+    if batches <= 0:
+        return {"batches": 0}
+    return {
+        "batches": batches,
+        "pairs_per_batch": round(delta["pairs"] / batches, 1),
+        "padded_tokens_per_batch": round(delta["padded_tokens"] / batches),
+        "inference_ms_per_batch": round(1000 * delta["inference_s"] / batches, 1),
+    }
 
 
 def drive(
@@ -537,9 +588,9 @@ def drive(
         }
 
     time.sleep(max(0.0, measure_from - time.perf_counter()))
-    cpu_before = cpu_now()
+    cpu_before, batches_before = cpu_now(), server.batch_counters()
     time.sleep(max(0.0, measure_to - time.perf_counter()))
-    cpu_after = cpu_now()
+    cpu_after, batches_after = cpu_now(), server.batch_counters()
     join_deadline = time.monotonic() + request_timeout + 10
     for thread in threads:
         thread.join(max(0.0, join_deadline - time.monotonic()))
@@ -551,6 +602,7 @@ def drive(
     ours = used["front-end"] + used["workers"] + used["benchmark"]
     used["other"] = max(0.0, used.pop("machine") - ours)
     result.cpu_seconds = _rounded(used)
+    result.batches = batch_figures(batches_before, batches_after)
     result.peak_rss_mib = {"front-end": round(proc_memory_mib(front_end).get("VmHWM", 0.0), 1)}
     for index, pid in enumerate(workers):
         result.peak_rss_mib[f"worker-{index}"] = round(proc_memory_mib(pid).get("VmHWM", 0.0), 1)
@@ -651,8 +703,8 @@ def markdown(results: list[PhaseResult]) -> str:
     lines += [
         "",
         "| setup | clients | tokens/pair | server p50 ms: tokenize / queue / inference / total "
-        "| CPU s in window: front-end / workers / bench client / other |",
-        "| --- | ---: | ---: | --- | --- |",
+        "| batches: count, mean rows, mean ms | CPU s in window: front-end / workers / benchmark / other |",
+        "| --- | ---: | ---: | --- | --- | --- |",
     ]
     for r in results:
         timings = r.server_timings_p50_ms
@@ -661,13 +713,17 @@ def markdown(results: list[PhaseResult]) -> str:
             if timings
             else "-"
         )
-        cpu = r.cpu_seconds
-        split = (
-            " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("front-end", "workers", "benchmark", "other"))
-            if "workers" in cpu
-            else f"- / - / {cpu.get('benchmark', 0.0):.1f} / {cpu.get('other', 0.0):.1f}"
+        b = r.batches or {}
+        batches = (
+            f"{b['batches']:.0f}, {b['pairs_per_batch']}, {b['inference_ms_per_batch']:.0f}"
+            if b.get("batches")
+            else "-"
         )
-        lines.append(f"| {r.setup} | {r.concurrency} | {r.tokens_per_pair} | {server} | {split} |")
+        cpu = " / ".join(
+            f"{r.cpu_seconds[k]:.1f}" if k in r.cpu_seconds else "-"
+            for k in ("front-end", "workers", "benchmark", "other")
+        )
+        lines.append(f"| {r.setup} | {r.concurrency} | {r.tokens_per_pair} | {server} | {batches} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -53,7 +53,9 @@ def corpus(n: int, words: int = 12, seed: int = 0) -> list[str]:
     out = []
     for i in range(n):
         k = 3 + (i * 7 + seed) % words
-        out.append(" ".join(WORDS[(i * 3 + j + seed) % len(WORDS)] for j in range(k)) + f" number {i}")
+        # The tiny models' vocabulary has no digits: spell i in words so documents differ in tokens.
+        number = " ".join(WORDS[int(digit)] for digit in str(i))
+        out.append(" ".join(WORDS[(i * 3 + j + seed) % len(WORDS)] for j in range(k)) + f" number {number}")
     return out
 
 
@@ -151,7 +153,8 @@ def test_results_are_sorted_and_cut_to_top_n(client: RerankerClient) -> None:
 
 def test_stream_of_20000_documents_matches_rerank(server: ServerProcess, client: RerankerClient) -> None:
     documents = corpus(20_000)
-    unary = client.rerank(QUERY, documents, top_n=10, return_documents=True)
+    unary = client.rerank(QUERY, documents, return_documents=True)
+    unary_score = {r.index: r.score for r in unary.results}
     wait_idle(server)
     taken = 0
 
@@ -191,10 +194,14 @@ def test_stream_of_20000_documents_matches_rerank(server: ServerProcess, client:
     assert 0 < max(queued) <= 1024, f"queued pairs sampled during the stream: {queued}"
     assert len(batches) > 1  # scores came as they finished, before the final
     assert sum(batches) == 20_000 and seen == set(range(20_000))
-    assert [r.index for r in streamed.results] == [r.index for r in unary.results]
-    for s, u in zip(streamed.results, unary.results, strict=True):
+    # The same top 10: batches differ between the two calls, so equal scores may differ in the
+    # last bits and swap places; each document's score must agree, and the ranks' scores too.
+    assert len(streamed.results) == 10
+    for s, u in zip(streamed.results, unary.results[:10], strict=True):
         assert s.score == pytest.approx(u.score, abs=TOLERANCE)
+        assert s.score == pytest.approx(unary_score[s.index], abs=TOLERANCE)
         assert s.document == documents[s.index]
+    assert len({r.index for r in streamed.results} ^ {r.index for r in unary.results[:10]}) <= 2
     assert streamed.usage.documents == 20_000
     assert streamed.usage.tokens == unary.usage.tokens
 
@@ -314,7 +321,8 @@ def test_an_expired_deadline_keeps_the_rest_of_the_request_out_of_the_model(
     scored_before = server.metric("rerank_pairs_scored_total")
     dropped_before = _dropped(server)
     with pytest.raises(DeadlineExceededError):
-        client.rerank(QUERY, corpus(20_000), timeout=1.0)
+        # Long enough to tokenize and queue the pairs, far too short to score them all.
+        client.rerank(QUERY, corpus(20_000), timeout=3.0)
     wait_idle(server)
     scored = server.metric("rerank_pairs_scored_total") - scored_before
     dropped = _dropped(server) - dropped_before
