@@ -46,6 +46,7 @@ SHM_DIR = Path("/dev/shm")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_REQUESTS_PER_PHASE = 100_000  # a hard bound besides the clock, whatever the speed
 QUERY_POOL = 16
+CONTENTION_SHARE = 0.05  # other processes' CPU, as a share of the window's CPU, that flags a phase
 PASSAGE_BLOCKS = 8  # distinct document sets; with QUERY_POOL queries, 16 distinct requests
 
 # A fixed vocabulary of common English words: sentences drawn from it tokenize like real prose
@@ -137,6 +138,11 @@ class PhaseResult:
     tokens_per_pair: float | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    contended: bool = False  # other processes took a noticeable share of the CPU in the window
+
+    def flag_contention(self, cores: int) -> None:
+        """Figures taken while something else ran are not the server's: mark them."""
+        self.contended = self.cpu_seconds.get("other", 0.0) > CONTENTION_SHARE * cores * self.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,10 +700,11 @@ def markdown(results: list[PhaseResult]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
+        setup = f"{r.setup} (contended)" if r.contended else r.setup
         rss = ", ".join(f"{name} {value:.0f}" for name, value in r.peak_rss_mib.items())
         latency = [f"{r.latency_ms.get(p, float('nan')):.0f}" for p in ("p50", "p95", "p99")]
         lines.append(
-            f"| {r.setup} | {r.concurrency} | {r.requests} | {r.pairs_per_s:.1f} | {' | '.join(latency)} "
+            f"| {setup} | {r.concurrency} | {r.requests} | {r.pairs_per_s:.1f} | {' | '.join(latency)} "
             f"| {sum(r.errors.values())} | {rss} |"
         )
     lines += [
@@ -792,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"workload: {workload.facts()}")
         if not args.no_baseline:
             log(f"baseline: {args.warmup:g} s warm-up + {args.duration:g} s")
-            results.append(run_baseline(model_dir, workload, args.warmup, args.duration))
+            record(results, run_baseline(model_dir, workload, args.warmup, args.duration))
             gc.collect()  # the baseline's model is garbage now; keep it out of the server phases
         for replicas, threads in args.layouts:
             name = f"server {replicas}x{threads}"
@@ -803,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
                     server.wait_ready()
                     for level in args.concurrency:
                         log(f"{name}: {level} clients, {args.warmup:g} s warm-up + {args.duration:g} s")
-                        results.append(
+                        record(
+                            results,
                             drive(
                                 server,
                                 name,
@@ -812,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.warmup,
                                 args.duration,
                                 args.request_timeout,
-                            )
+                            ),
                         )
                     shutdown = server.stop()
                 except BaseException:
@@ -845,6 +853,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out}")
     return 0 if report["ok"] else 1
+
+
+def record(results: list[PhaseResult], result: PhaseResult) -> None:
+    """Keep a phase's figures, flag contention, and say in one line how it went."""
+    result.flag_contention(len(os.sched_getaffinity(0)))
+    results.append(result)
+    note = (
+        f"; CONTENDED: other processes used {result.cpu_seconds.get('other')} CPU s"
+        if result.contended
+        else ""
+    )
+    log(
+        f"  {result.pairs_per_s} pairs/s, p50 {result.latency_ms.get('p50')} ms, "
+        f"errors {sum(result.errors.values())}{note}"
+    )
 
 
 def log(message: str) -> None:

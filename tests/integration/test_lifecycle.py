@@ -98,15 +98,16 @@ def test_with_no_live_replica_requests_get_unavailable(
         assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
 
 
-def test_sigterm_drains_calls_in_flight_and_exits_zero(
-    start_server: StartServer, bert_cross_encoder_dir: Path
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_drains_calls_in_flight_and_exits_zero(
+    start_server: StartServer, bert_cross_encoder_dir: Path, stop_signal: signal.Signals
 ) -> None:
     server = tiny_server(start_server, bert_cross_encoder_dir)
     workers = server.worker_pids()
     with RerankerClient(server.target, retry=None) as client, ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(client.rerank, QUERY, corpus(8000), top_n=3, timeout=120)
         wait_until(lambda: server.metric("rerank_pairs_scored_total") > 0, 60, "the call to start")
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(stop_signal)
         wait_until(lambda: "draining" in server.log(), 10, "draining")
         with pytest.raises(RerankError) as refused:
             client.rerank(QUERY, ["late"], timeout=10)
