@@ -150,3 +150,15 @@ def test_later_chunks_of_a_stream_join_its_queue_sorted() -> None:
     queue.push(a, pairs(a, [5, 50]))
     queue.push(a, [QueuedPair(a, 2, [1] * 40, [0] * 40, 0.0)])
     assert [p.length for p in queue.next_batch(1.0).pairs] == [50, 40, 5]
+
+
+def test_idle_replicas_share_a_request_that_fits_one_batch() -> None:
+    queue = make_queue(tokens=10_000, size=100, wait=10.0)
+    a = Owner("a")
+    queue.push(a, pairs(a, [10] * 20, at=0.0))
+    first = queue.next_batch(0.0, spread=2).pairs  # its share: goes at once, not held
+    assert len(first) == 10
+    assert queue.next_batch(0.0, spread=1).pairs == []  # one replica left: normal batching
+    assert len(queue.next_batch(10.0, spread=1).pairs) == 10
+    queue.push(a, pairs(a, [10] * 3, at=0.0))
+    assert len(queue.next_batch(0.0, spread=4).pairs) == 1

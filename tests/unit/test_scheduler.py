@@ -18,9 +18,14 @@ class FakePool:
     """Replicas that take batches and score only when told to."""
 
     def __init__(self, replicas: int = 2, slots: int = 1) -> None:
+        self.slots = slots
         self.free = {r: slots for r in range(replicas)}
         self.ready_count = replicas
         self.sent: list[tuple[int, int, BatchArrays]] = []  # (replica, batch id, arrays)
+
+    @property
+    def idle_count(self) -> int:
+        return sum(n == self.slots for n in self.free.values()) if self.ready_count else 0
 
     def idle_replica(self) -> int | None:
         idle = [r for r, n in self.free.items() if n > 0]

@@ -126,11 +126,13 @@ class PairQueue:
     def oldest_enqueued_at(self) -> float | None:
         return min((q[0].enqueued_at for q in self._by_owner.values() if q), default=None)
 
-    def next_batch(self, now: float, *, flush: bool = False) -> BatchPlan:
+    def next_batch(self, now: float, *, flush: bool = False, spread: int = 1) -> BatchPlan:
         """Cut the next batch. Pairs of closed or expired owners are dropped, never batched.
 
-        A batch that is not full is held (empty plan with `wait_until`) until its oldest
-        pair has waited `max_wait`, unless `flush` is set.
+        `spread` idle replicas share the queued pairs: a batch takes at most its share, so a
+        request that would fit one batch still runs on every idle replica at once. A batch that
+        is not full is held (empty plan with `wait_until`) until its oldest pair has waited
+        `max_wait`, unless `flush` is set.
         """
         plan = BatchPlan()
         for owner in list(self._by_owner):
@@ -139,6 +141,8 @@ class PairQueue:
                 if not owner.closed:
                     plan.expired.append(owner)
 
+        share = -(-self._size // spread) if spread > 1 else self.max_batch_size  # ceil(size / spread)
+        max_rows = min(self.max_batch_size, share)
         rows = longest = 0
         taken: list[tuple[PairOwner, int]] = []
         full = False
@@ -146,7 +150,7 @@ class PairQueue:
             count = 0
             for pair in queue:
                 new_longest = max(longest, pair.length)
-                if rows + 1 > self.max_batch_size or (rows + 1) * new_longest > self.max_batch_tokens:
+                if rows + 1 > max_rows or (rows + 1) * new_longest > self.max_batch_tokens:
                     full = True
                     break
                 rows, longest, count = rows + 1, new_longest, count + 1

@@ -40,6 +40,11 @@ class Replicas(Protocol):
     @property
     def ready_count(self) -> int: ...
 
+    @property
+    def idle_count(self) -> int:
+        """Ready replicas with no batch at all: they would sit still without work."""
+        ...
+
     def idle_replica(self) -> object | None: ...
 
     def dispatch(self, replica: object, batch_id: int, arrays: BatchArrays) -> None: ...
@@ -144,7 +149,7 @@ class Scheduler:
     def pump(self) -> None:
         """Fill idle replicas with batches while there is work."""
         while (replica := self._replicas.idle_replica()) is not None:
-            plan = self._queue.next_batch(self.now())
+            plan = self._queue.next_batch(self.now(), spread=self._replicas.idle_count)
             for owner in plan.expired:
                 _ticket(owner).fail(DeadlineExceededError("deadline passed while queued"))
             if plan.dropped_pairs:

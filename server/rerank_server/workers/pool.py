@@ -89,6 +89,10 @@ class WorkerPool:
     def ready_count(self) -> int:
         return sum(r.state == "ready" for r in self.replicas)
 
+    @property
+    def idle_count(self) -> int:
+        return sum(r.state == "ready" and not r.in_flight for r in self.replicas)
+
     def start(self, listener: PoolListener) -> None:
         self._listener = listener
         self._loop = asyncio.get_running_loop()
