@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -98,8 +97,30 @@ def load_served_model(settings: ServerSettings) -> tuple[ServedModel, PairEncode
     return model, encoder, plans
 
 
-async def serve(settings: ServerSettings, on_listening: Callable[[int], None] | None = None) -> None:
-    """Run the server until SIGTERM/SIGINT; raises StartupError when it cannot start."""
+def grpc_server(
+    settings: ServerSettings, service: RerankService, metrics: Metrics, health_servicer: AsyncHealthServicer
+) -> grpc.aio.Server:
+    """The gRPC server with the Reranker, health and reflection services, not yet listening."""
+    max_message = settings.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+    )
+    reranker_pb2_grpc.add_RerankerServicer_to_server(RerankerServicer(service, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    return server
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain; raises StartupError when it cannot start."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     model, encoder, plans = load_served_model(settings)
     metrics = Metrics()
     layout = SegmentLayout(max_tokens=settings.max_batch_tokens, max_rows=settings.max_batch_size)
@@ -114,7 +135,10 @@ async def serve(settings: ServerSettings, on_listening: Callable[[int], None] | 
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     scheduler: Scheduler | None = None
     try:
-        metrics.serve(settings.metrics_port, settings.host)
+        try:
+            metrics.serve(settings.metrics_port, settings.host)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {exc}") from exc
         queue = PairQueue(
             settings.max_batch_tokens,
             settings.max_batch_size,
@@ -134,35 +158,13 @@ async def serve(settings: ServerSettings, on_listening: Callable[[int], None] | 
             executor,
             lambda: pool.ready_count,
         )
-        max_message = settings.max_message_mb * 1024 * 1024
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_message),
-                ("grpc.max_send_message_length", max_message),
-            ]
-        )
-        reranker_pb2_grpc.add_RerankerServicer_to_server(RerankerServicer(service, metrics), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if port == 0:
-            raise StartupError(f"cannot listen on {settings.host}:{settings.port}")
+        server = grpc_server(settings, service, metrics, health_servicer)
+        try:
+            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
         await server.start()
         log.info("rerank-server listening on %s:%d, model %r", settings.host, port, model.name)
-        if on_listening is not None:
-            on_listening(port)
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
 
         log.info("draining: refusing new calls, %.1f s for calls in flight", settings.grace_period_s)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from rerank_client import RerankerClient, RerankError, UnavailableError
+from rerank_server.transport.shm import leftover_segments
 
 from integration.conftest import StartServer
 from integration.server_process import ServerProcess, _alive
@@ -128,3 +129,32 @@ def test_a_killed_front_end_leaves_no_workers_and_no_shared_memory(
     server.process.wait(30)
     wait_until(lambda: not any(_alive(p) for p in workers), 30, "workers to exit")
     wait_until(lambda: server.leftover_shared_memory() == [], 30, "shared memory to be freed")
+
+
+def test_a_busy_port_stops_the_start_with_a_clear_message(bert_cross_encoder_dir: Path) -> None:
+    import socket
+    import subprocess
+
+    from integration.server_process import SERVER_SCRIPT
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = subprocess.Popen(
+            [
+                SERVER_SCRIPT,
+                "--model",
+                bert_cross_encoder_dir,
+                "--host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(port),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, stderr = started.communicate(timeout=120)
+    assert started.returncode == 2
+    assert f"cannot serve metrics on port {port}" in stderr
+    assert leftover_segments(started.pid) == []
