@@ -324,6 +324,12 @@ class _Stream:
     async def _write(self, call: _StreamCall, header: pb.StreamRerankRequest) -> None:
         if not await _send(call, header):
             return
+        # The server accepts the header by sending its initial metadata (rerank-server does so
+        # once the header is valid and queued). Writing before that could race with a refusal,
+        # and grpc.aio then reports INTERNAL instead of the refusal's status (grpc issue 36066).
+        await call.initial_metadata()
+        if call.done():
+            return
         while chunk := await self.take():
             if not await _send(call, _convert.documents_chunk(chunk)):
                 return

@@ -190,6 +190,12 @@ class RerankService:
             timings=_timings(ticket, totals.tokenize_ms, started),
         )
 
+    def check_stream(self, header: RerankQuery) -> None:
+        """Refuse a stream whose header is invalid, or whose first documents the queue cannot take,
+        before the client sends the rest."""
+        self._check(header, streaming=True)
+        self._scheduler.check_room(len(header.documents))
+
     def _check(self, request: RerankQuery, *, streaming: bool) -> int:
         """Validate what does not depend on the documents; return the pair's max_length."""
         if request.model not in ("", self.model.name):

@@ -371,3 +371,19 @@ def test_the_container_health_check_command(server: ServerProcess) -> None:
         [*command, f"127.0.0.1:{free_port()}", "--timeout", "1"], capture_output=True, timeout=60
     )
     assert nobody.returncode == 1
+
+
+def test_the_async_client_sees_a_refused_stream_with_its_own_status(server: ServerProcess) -> None:
+    """A refusal must not turn into INTERNAL while the client is still writing (grpc issue 36066)."""
+
+    async def refused_streams() -> None:
+        async with AsyncRerankerClient(server.target, retry=None) as own:
+            for _ in range(20):
+                with pytest.raises(InvalidArgumentError, match="top_n between 1 and"):
+                    await own.stream_rerank(QUERY, corpus(200), top_n=0, chunk_size=10)
+                with pytest.raises(NotFoundError):
+                    await own.stream_rerank(QUERY, corpus(200), top_n=1, model="nope", chunk_size=10)
+            result = await own.stream_rerank(QUERY, corpus(200), top_n=3, chunk_size=10)
+            assert len(result.results) == 3
+
+    asyncio.run(refused_streams())

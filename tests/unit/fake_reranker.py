@@ -109,6 +109,7 @@ class FakeReranker(reranker_pb2_grpc.RerankerServicer):
             if header is None:
                 header = message.header
                 self.requests.append(header)
+                context.send_initial_metadata(())  # accepted, as rerank-server does
                 chunk = list(header.documents)
             else:
                 chunk = list(message.documents.documents)
@@ -118,6 +119,9 @@ class FakeReranker(reranker_pb2_grpc.RerankerServicer):
                 scored = [pb.RankedDocument(index=start + i, score=score(d)) for i, d in enumerate(chunk)]
                 yield pb.StreamRerankResponse(scored=pb.ScoredChunk(results=scored))
             if failure is not None and failure.after_messages == n:
+                # Read the rest first: aborting while the client still writes races in gRPC core,
+                # which may then report INTERNAL instead of this status.
+                collections.deque(request_iterator, maxlen=0)
                 context.abort(failure.code, failure.message)
         if self.stream_final and header is not None:
             yield pb.StreamRerankResponse(final=ranked(header.query, documents, header))

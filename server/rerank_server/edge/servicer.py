@@ -40,6 +40,8 @@ class RerankerServicer(pb_grpc.RerankerServicer):
                 if first is None or first.WhichOneof("kind") != "header":
                     raise InvalidRequestError("the first StreamRerank message must be a header")
                 header = convert.rerank_query(first.header)
+                self._service.check_stream(header)
+                await context.send_initial_metadata(())  # accepted: the client may send the rest
                 events = self._service.stream_rerank(
                     header, _document_chunks(request_iterator), context.time_remaining()
                 )
