@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh server,test
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRPC_VERBOSITY=${GRPC_VERBOSITY:-ERROR}
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy client/rerank_client server/rerank_server
