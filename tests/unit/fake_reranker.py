@@ -102,6 +102,9 @@ class FakeReranker(reranker_pb2_grpc.RerankerServicer):
     ) -> Iterator[pb.StreamRerankResponse]:
         failure = self._begin("StreamRerank", context)
         if failure is not None and failure.after_messages == 0:
+            # Refuse once the header is read, as rerank-server does: aborting while the client
+            # still writes its first message races in gRPC core (grpc issue 36066).
+            next(request_iterator, None)
             context.abort(failure.code, failure.message)
         header: pb.RerankRequest | None = None
         documents: list[str] = []

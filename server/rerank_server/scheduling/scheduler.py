@@ -115,10 +115,8 @@ class Scheduler:
         admit_over_limit: bool = False,
     ) -> None:
         """Queue a request's pairs; raises OverloadedError or NoReplicaError at once."""
-        if ticket.error is not None:
-            raise ticket.error
-        if self._replicas.ready_count == 0:
-            raise NoReplicaError("no model replica is ready; retry shortly")
+        ticket.raise_if_failed()
+        self._require_a_replica()
         now = self.now()
         queued = [
             QueuedPair(ticket, first_index + i, p.input_ids, p.token_type_ids, now)
@@ -131,9 +129,12 @@ class Scheduler:
 
     def check_room(self, pairs: int) -> None:
         """Refuse early, before tokenizing, a request the queue cannot take now."""
+        self._require_a_replica()
+        self._queue.check_room(pairs)
+
+    def _require_a_replica(self) -> None:
         if self._replicas.ready_count == 0:
             raise NoReplicaError("no model replica is ready; retry shortly")
-        self._queue.check_room(pairs)
 
     def close(self, ticket: Ticket) -> None:
         """The request is over (finished, failed or cancelled): its queued pairs never reach a model."""
