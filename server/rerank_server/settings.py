@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from rerank_server.models.base import DEFAULT_MODEL
 
 
 class ServerSettings(BaseSettings):

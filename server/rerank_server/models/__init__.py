@@ -6,10 +6,10 @@ the workers and is the only entry point that does.
 
 from __future__ import annotations
 
-from rerank_server.models.base import ModelSpec, PairEncoder, PairScorer
+from rerank_server.models.base import DEFAULT_MODEL, ModelSpec, PairEncoder, PairScorer
 from rerank_server.models.bi_encoder import BiEncoderEncoder, BiEncoderScorer
 from rerank_server.models.cross_encoder import CrossEncoderEncoder, CrossEncoderScorer
-from rerank_server.models.loading import DEFAULT_MODEL, describe_model
+from rerank_server.models.loading import describe_model
 
 __all__ = ["DEFAULT_MODEL", "describe_model", "load_encoder", "load_scorer"]
 

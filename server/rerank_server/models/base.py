@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
+# Served when no model is named: small, and shipped inside a package, so it needs no network.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the server knows of a model before loading its weights; picklable for workers."""

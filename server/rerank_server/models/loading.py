@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Encoding, Tokenizer
 
-from rerank_server.models.base import ModelSpec
+from rerank_server.models.base import DEFAULT_MODEL, ModelSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 FAMILIES = ("cross-encoder", "bi-encoder")
 
 # Families whose position ids start after the padding index (RoBERTa's scheme), so
