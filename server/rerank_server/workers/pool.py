@@ -57,7 +57,6 @@ class Replica:
     free_segments: list[int] = field(default_factory=list)
     in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch id -> (segment, rows)
     failures: int = 0
-    pid: int | None = None
 
 
 class WorkerPool:
@@ -168,23 +167,27 @@ class WorkerPool:
         replica.process, replica.conn = process, parent_end
         replica.reader = threading.Thread(
             target=self._read,
-            args=(replica, replica.generation, parent_end),
+            args=(replica, replica.generation, parent_end, process),
             daemon=True,
             name=f"rerank-reader-{replica.index}",
         )
         replica.reader.start()
         log.info("replica %d: started worker pid %d on %s", replica.index, process.pid, replica.plan.device)
 
-    def _read(self, replica: Replica, generation: int, conn: Connection) -> None:
-        """Reader thread: forward each message to the event loop; report the worker's exit."""
-        assert self._loop is not None
+    def _read(self, replica: Replica, generation: int, conn: Connection, process: BaseProcess) -> None:
+        """Reader thread: forward each message to the event loop; report the worker's exit.
+
+        The dead worker is reaped here, off the event loop, so a crash never stalls requests.
+        """
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
             self._call_soon(self._on_message, replica, generation, message)
-        self._call_soon(self._on_exit, replica, generation)
+        conn.close()
+        process.join(STOP_TIMEOUT_S)
+        self._call_soon(self._on_exit, replica, generation, process.exitcode)
 
     def _call_soon(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
@@ -203,19 +206,15 @@ class WorkerPool:
             else:
                 self._listener.on_batch_lost(message.batch_id, message.message)
         elif isinstance(message, Ready):
-            replica.state, replica.pid, replica.failures = "ready", message.pid, 0
+            replica.state, replica.failures = "ready", 0
             log.info("replica %d ready (pid %d)", replica.index, message.pid)
             self._listener.on_replicas_changed(self.ready_count)
         elif isinstance(message, StartFailed):
             log.error("replica %d failed to start: %s", replica.index, message.message)
 
-    def _on_exit(self, replica: Replica, generation: int) -> None:
+    def _on_exit(self, replica: Replica, generation: int, code: int | None) -> None:
         if generation != replica.generation or self._stopping or self._listener is None:
             return
-        process = replica.process
-        if process is not None:
-            process.join(1)
-        code = process.exitcode if process is not None else None
         log.error("replica %d: worker exited (code %s); restarting", replica.index, code)
         replica.state = "dead"
         lost = list(replica.in_flight)

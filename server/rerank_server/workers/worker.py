@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from rerank_server.models.base import ModelSpec
+from rerank_server.models.base import ModelSpec, PairScorer
 from rerank_server.transport.shm import AttachedSegment, BatchDescriptor, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 
@@ -87,7 +87,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             segment.close()
 
 
-def _load(config: WorkerConfig):  # type: ignore[no-untyped-def]
+def _load(config: WorkerConfig) -> PairScorer:
     import torch
 
     from rerank_server.models import load_scorer
@@ -106,7 +106,7 @@ def _load(config: WorkerConfig):  # type: ignore[no-untyped-def]
     return scorer
 
 
-def _serve(scorer, segments: list[AttachedSegment], conn: Connection) -> None:  # type: ignore[no-untyped-def]
+def _serve(scorer: PairScorer, segments: list[AttachedSegment], conn: Connection) -> None:
     while True:
         try:
             descriptor: BatchDescriptor | None = conn.recv()
