@@ -22,6 +22,7 @@ import pytest
 from reference import FlagReference, st_scores
 from rerank_server.models import DEFAULT_MODEL, describe_model, load_encoder, load_scorer
 from rerank_server.models.base import EncodedPair, ModelSpec, PairEncoder, PairScorer, PairTooLongError
+from rerank_server.scheduling.scheduler import build_batch_arrays
 from tiny_models import CORPUS
 
 if TYPE_CHECKING:
@@ -40,21 +41,9 @@ DOCUMENTS = [
 ]
 
 
-def batch_arrays(rows: list[EncodedPair], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The right-padded batch a worker receives: pad ids past each row, mask 1 on real tokens."""
-    width = max(len(row.input_ids) for row in rows)
-    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int32)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int8)
-    token_type_ids = np.zeros((len(rows), width), dtype=np.int8)
-    for position, row in enumerate(rows):
-        input_ids[position, : len(row.input_ids)] = row.input_ids
-        attention_mask[position, : len(row.input_ids)] = 1
-        token_type_ids[position, : len(row.token_type_ids)] = row.token_type_ids
-    return input_ids, attention_mask, token_type_ids
-
-
 def score_rows(scorer: PairScorer, rows: list[EncodedPair], pad_token_id: int) -> np.ndarray:
-    return scorer.score(*batch_arrays(rows, pad_token_id))
+    arrays = build_batch_arrays(rows, pad_token_id)
+    return scorer.score(arrays.input_ids, arrays.attention_mask, arrays.token_type_ids)
 
 
 @dataclass
@@ -140,7 +129,8 @@ def test_bert_scores_use_token_type_ids(cross: dict[str, tuple[Served, FlagRefer
     served, _ = cross["bert"]
     rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS[:4], max_length=128, truncate=True)
     assert all(1 in row.token_type_ids for row in rows)
-    input_ids, attention_mask, token_type_ids = batch_arrays(rows, served.encoder.pad_token_id)
+    arrays = build_batch_arrays(rows, served.encoder.pad_token_id)
+    input_ids, attention_mask, token_type_ids = arrays.input_ids, arrays.attention_mask, arrays.token_type_ids
     with_types = served.scorer.score(input_ids, attention_mask, token_type_ids)
     without_types = served.scorer.score(input_ids, attention_mask, np.zeros_like(token_type_ids))
     assert np.abs(with_types - without_types).max() > 1e-3
@@ -149,7 +139,8 @@ def test_bert_scores_use_token_type_ids(cross: dict[str, tuple[Served, FlagRefer
 def test_xlmr_scorer_leaves_token_type_ids_out(cross: dict[str, tuple[Served, FlagReference]]) -> None:
     served, _ = cross["xlmr"]
     rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS[:4], max_length=128, truncate=True)
-    input_ids, attention_mask, token_type_ids = batch_arrays(rows, served.encoder.pad_token_id)
+    arrays = build_batch_arrays(rows, served.encoder.pad_token_id)
+    input_ids, attention_mask, token_type_ids = arrays.input_ids, arrays.attention_mask, arrays.token_type_ids
     # XLM-R has one token type: ids of 1 would index past its table if they were passed on.
     scores = served.scorer.score(input_ids, attention_mask, np.ones_like(token_type_ids))
     np.testing.assert_array_equal(scores, served.scorer.score(input_ids, attention_mask, token_type_ids))

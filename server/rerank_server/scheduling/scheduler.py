@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 ScoreSink = Callable[[list[int], list[float]], None]
 
 
+class TokenRow(Protocol):
+    """One pair's tokens: an EncodedPair, or a QueuedPair holding one."""
+
+    @property
+    def input_ids(self) -> list[int]: ...
+
+    @property
+    def token_type_ids(self) -> list[int]: ...
+
+
 class Replicas(Protocol):
     """What the scheduler needs of the worker pool."""
 
@@ -253,14 +263,14 @@ def _ticket(owner: PairOwner) -> Ticket:
     return cast(Ticket, owner)
 
 
-def build_batch_arrays(pairs: Sequence[QueuedPair], pad_token_id: int) -> BatchArrays:
-    """Right-padded [rows, longest] arrays of a batch's token rows."""
-    rows, cols = len(pairs), max(p.length for p in pairs)
+def build_batch_arrays(pairs: Sequence[TokenRow], pad_token_id: int) -> BatchArrays:
+    """Right-padded [rows, longest] arrays of a batch's token rows, as a worker receives them."""
+    rows, cols = len(pairs), max(len(p.input_ids) for p in pairs)
     input_ids = np.full((rows, cols), pad_token_id, dtype=np.int32)
     attention_mask = np.zeros((rows, cols), dtype=np.int8)
     token_type_ids = np.zeros((rows, cols), dtype=np.int8)
     for row, pair in enumerate(pairs):
-        n = pair.length
+        n = len(pair.input_ids)
         input_ids[row, :n] = pair.input_ids
         attention_mask[row, :n] = 1
         token_type_ids[row, :n] = pair.token_type_ids
