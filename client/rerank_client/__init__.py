@@ -18,7 +18,7 @@ from rerank_client.errors import (
     from_rpc_error,
 )
 from rerank_client.retry import RetryPolicy
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Usage
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Truncation, Usage
 
 __all__ = [
     "AsyncRerankerClient",
@@ -35,6 +35,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "Timings",
+    "Truncation",
     "UnavailableError",
     "Usage",
     "from_rpc_error",

@@ -6,7 +6,23 @@ from collections.abc import Iterable
 
 from rerank.v1 import reranker_pb2 as pb
 
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Usage
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Timings, Truncation, Usage
+
+# END goes as UNSPECIFIED, the server's documented default, as it did before the enum had CHUNK.
+_WIRE_TRUNCATION = {
+    Truncation.END: pb.TRUNCATION_UNSPECIFIED,
+    Truncation.NONE: pb.TRUNCATION_NONE,
+    Truncation.CHUNK: pb.TRUNCATION_CHUNK,
+}
+
+
+def truncation(value: Truncation | str) -> Truncation:
+    """`value` as a Truncation; an unknown one raises ValueError here, before any document is read."""
+    try:
+        return Truncation(value)
+    except ValueError:
+        choices = ", ".join(repr(t.value) for t in Truncation)
+        raise ValueError(f"truncation must be one of {choices}, got {value!r}") from None
 
 
 def rerank_request(
@@ -18,7 +34,9 @@ def rerank_request(
     return_documents: bool,
     raw_scores: bool,
     max_length: int,
-    truncate: bool,
+    truncation: Truncation,
+    instruction: str,
+    cutoff_layer: int,
 ) -> pb.RerankRequest:
     """The request for Rerank, or the header of a StreamRerank (then `documents` is its first chunk)."""
     return pb.RerankRequest(
@@ -29,8 +47,9 @@ def rerank_request(
         return_documents=return_documents,
         raw_scores=raw_scores,
         max_length=max_length,
-        # Unspecified lets the server cut long pairs (its documented default); NONE makes it refuse them.
-        truncation=pb.TRUNCATION_UNSPECIFIED if truncate else pb.TRUNCATION_NONE,
+        truncation=_WIRE_TRUNCATION[truncation],
+        instruction=instruction,
+        cutoff_layer=cutoff_layer,
     )
 
 
@@ -57,7 +76,13 @@ def rerank_result(message: pb.RerankResponse) -> RerankResult:
     return RerankResult(
         results=ranked_documents(message.results),
         model=message.model,
-        usage=Usage(documents=usage.documents, tokens=usage.tokens, truncated=usage.truncated),
+        usage=Usage(
+            documents=usage.documents,
+            tokens=usage.tokens,
+            truncated=usage.truncated,
+            chunked=usage.chunked,
+            windows=usage.windows,
+        ),
         timings=Timings(
             tokenize_ms=timings.tokenize_ms,
             queue_ms=timings.queue_ms,
@@ -79,6 +104,10 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         replicas=message.replicas,
         ready_replicas=message.ready_replicas,
         ready=message.ready,
+        takes_instruction=message.takes_instruction,
+        default_instruction=message.default_instruction,
+        min_cutoff_layer=message.min_cutoff_layer,
+        max_cutoff_layer=message.max_cutoff_layer,
     )
 
 

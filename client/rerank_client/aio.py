@@ -18,7 +18,7 @@ from rerank.v1 import reranker_pb2_grpc
 from rerank_client import _convert, _health
 from rerank_client.errors import InternalError, NotFoundError, from_rpc_error
 from rerank_client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult
+from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Truncation
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -120,15 +120,21 @@ class AsyncRerankerClient:
         return_documents: bool = False,
         raw_scores: bool = False,
         max_length: int = 0,
-        truncate: bool = True,
+        truncation: Truncation | str = Truncation.END,
+        instruction: str = "",
+        cutoff_layer: int = 0,
         timeout: float | None = None,
     ) -> RerankResult:
         """Score every document against `query`; results are sorted best first, at most `top_n` (0: all).
 
-        `model=""` is the server's default model, `max_length=0` its default token budget of a pair;
-        `truncate=False` makes the server reject a pair that does not fit instead of cutting it.
+        `model=""` is the server's default model, `max_length=0` its default token budget of a pair.
+        A pair over that budget is cut (Truncation.END), refused (NONE), or, with CHUNK, scored by its
+        document's best overlapping window, so text past the budget still counts. `instruction` and
+        `cutoff_layer` ("" and 0: the model's default) apply only to models that take them, as
+        list_models() says.
         """
         _convert.reject_bare_string(documents)
+        truncation = _convert.truncation(truncation)
         request = _convert.rerank_request(
             query,
             documents,
@@ -137,7 +143,9 @@ class AsyncRerankerClient:
             return_documents=return_documents,
             raw_scores=raw_scores,
             max_length=max_length,
-            truncate=truncate,
+            truncation=truncation,
+            instruction=instruction,
+            cutoff_layer=cutoff_layer,
         )
         return _convert.rerank_result(await self._unary(self._stub.Rerank, request, timeout))
 
@@ -151,7 +159,9 @@ class AsyncRerankerClient:
         return_documents: bool = False,
         raw_scores: bool = False,
         max_length: int = 0,
-        truncate: bool = True,
+        truncation: Truncation | str = Truncation.END,
+        instruction: str = "",
+        cutoff_layer: int = 0,
         chunk_size: int = 512,
         on_scored: OnScored | None = None,
         timeout: float | None = None,
@@ -165,8 +175,11 @@ class AsyncRerankerClient:
         only before it is under way: once a document past the first chunk was taken from
         `documents`, or a response arrived, a failure surfaces. An exception raised by
         `documents` itself ends the stream and reaches the caller as is.
+
+        The other options are rerank's.
         """
         _convert.reject_bare_string(documents)
+        truncation = _convert.truncation(truncation)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         source = aiter(documents) if isinstance(documents, AsyncIterable) else iter(documents)
@@ -180,7 +193,9 @@ class AsyncRerankerClient:
                 return_documents=return_documents,
                 raw_scores=raw_scores,
                 max_length=max_length,
-                truncate=truncate,
+                truncation=truncation,
+                instruction=instruction,
+                cutoff_layer=cutoff_layer,
             )
         )
         attempts = self._attempts(timeout)

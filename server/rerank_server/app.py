@@ -6,7 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import numpy as np
@@ -18,12 +21,13 @@ from rerank.v1 import reranker_pb2, reranker_pb2_grpc
 
 from rerank_server.edge.servicer import RerankerServicer
 from rerank_server.errors import NoReplicaError
+from rerank_server.families import describe_model, family_of, load_row_builder
+from rerank_server.families.base import ModelSpec, RowBuilder
 from rerank_server.metrics import Metrics
-from rerank_server.models import describe_model, load_encoder
-from rerank_server.models.base import PairEncoder
+from rerank_server.models.registry import ModelRegistry, ServedModel
 from rerank_server.scheduling.batcher import PairQueue
 from rerank_server.scheduling.scheduler import Scheduler
-from rerank_server.service import RequestLimits, RerankService, ServedModel
+from rerank_server.service.rerank import RequestLimits, RerankService
 from rerank_server.settings import ServerSettings
 from rerank_server.transport.shm import SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan, plan_replicas, visible_gpus
@@ -41,13 +45,11 @@ class StartupError(Exception):
 
 
 class _PoolEvents:
-    """Forwards worker pool events to the scheduler, and keeps health in step with live replicas."""
+    """Forwards one model's worker pool events to its scheduler, and keeps health in step."""
 
-    def __init__(self, scheduler: Scheduler, health_servicer: AsyncHealthServicer) -> None:
+    def __init__(self, scheduler: Scheduler, on_replicas_changed: Callable[[], None]) -> None:
         self._scheduler = scheduler
-        self._health = health_servicer
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.draining = False
+        self._on_replicas_changed = on_replicas_changed
 
     def on_batch_done(self, batch_id: int, scores: npt.NDArray[np.float32], seconds: float) -> None:
         self._scheduler.on_batch_done(batch_id, scores, seconds)
@@ -57,10 +59,25 @@ class _PoolEvents:
 
     def on_replicas_changed(self, ready: int) -> None:
         self._scheduler.on_replicas_changed(ready)
-        if not self.draining:
-            task = asyncio.create_task(set_health(self._health, SERVING if ready else NOT_SERVING))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._on_replicas_changed()
+
+
+class _Health:
+    """SERVING while every model has a ready replica, NOT_SERVING otherwise; frozen once draining."""
+
+    def __init__(self, servicer: AsyncHealthServicer) -> None:
+        self.servicer = servicer
+        self.models: ModelRegistry | None = None
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def update(self) -> None:
+        if self.draining or self.models is None:
+            return
+        status = SERVING if self.models.all_ready() else NOT_SERVING
+        task = asyncio.create_task(set_health(self.servicer, status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 async def set_health(servicer: AsyncHealthServicer, status: int) -> None:
@@ -68,33 +85,53 @@ async def set_health(servicer: AsyncHealthServicer, status: int) -> None:
         await servicer.set(service, status)
 
 
-def load_served_model(settings: ServerSettings) -> tuple[ServedModel, PairEncoder, list[ReplicaPlan]]:
-    """Describe the model, load its tokenizer, plan the replicas and check the limits, before any
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model checked before any worker starts: its spec, row builder, replicas and limits."""
+
+    name: str
+    spec: ModelSpec
+    rows: RowBuilder
+    replicas: list[ReplicaPlan]
+    default_max_length: int
+    max_length_limit: int
+
+
+def plan_models(settings: ServerSettings) -> list[ModelPlan]:
+    """Describe every model, load its tokenizer, plan its replicas and check its limits, before any
     worker starts, so bad settings fail fast with a clear message."""
     try:
-        spec = describe_model(settings.model, settings.family)
-        encoder = load_encoder(spec)
-        plans = plan_replicas(
-            settings.devices,
-            cpu_replicas=settings.cpu_replicas,
-            threads_per_replica=settings.threads_per_replica,
-            dtype=settings.dtype,
-            gpus=visible_gpus(),
-            cpu_count=os.cpu_count() or 1,
-        )
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"cannot serve model {settings.model!r}: {exc}") from exc
-    limit = min(spec.max_length_limit, settings.max_batch_tokens // spec.row_length(1))
-    default = settings.max_length or min(spec.default_max_length, limit)
-    if default > limit:
-        raise StartupError(
-            f"max_length {default} exceeds the limit {limit} (of the model, and of max_batch_tokens "
-            f"{settings.max_batch_tokens})"
-        )
-    model = ServedModel(
-        settings.served_name, spec, plans[0].dtype, tuple(p.device for p in plans), default, limit
-    )
-    return model, encoder, plans
+        choices = settings.models()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    gpus = visible_gpus()
+    plans = []
+    for choice in choices:
+        try:
+            spec = describe_model(choice.source, choice.family)
+            rows = load_row_builder(spec)
+            replicas = plan_replicas(
+                settings.devices,
+                cpu_replicas=settings.cpu_replicas,
+                threads_per_replica=settings.threads_per_replica,
+                dtype=settings.dtype,
+                gpus=gpus,
+                cpu_count=os.cpu_count() or 1,
+                gpu_dtype=family_of(spec.family).gpu_dtype,
+            )
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot serve model {choice.source!r}: {exc}") from exc
+        # A batch must hold one row of the longest pair a request may ask for.
+        batch_limit = (settings.max_batch_tokens - spec.row_overhead) // spec.row_factor
+        limit = min(spec.max_length_limit, batch_limit)
+        default = settings.max_length or min(spec.default_max_length, limit)
+        if default > limit or limit < spec.min_max_length:
+            raise StartupError(
+                f"model {choice.name!r}: max_length {default} exceeds the limit {limit} (of the model, "
+                f"and of max_batch_tokens {settings.max_batch_tokens})"
+            )
+        plans.append(ModelPlan(choice.name, spec, rows, replicas, default, limit))
+    return plans
 
 
 def grpc_server(
@@ -121,60 +158,86 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    model, encoder, plans = load_served_model(settings)
+    plans = plan_models(settings)
     metrics = Metrics()
-    layout = SegmentLayout(max_tokens=settings.max_batch_tokens, max_rows=settings.max_batch_size)
-    pool = WorkerPool(
-        model.spec,
-        plans,
-        layout,
-        restart_backoff_s=settings.restart_backoff_s,
-        log_level=settings.log_level,
-        on_restart=metrics.worker_restarts.inc,
-    )
+    pools = [
+        WorkerPool(
+            plan.spec,
+            plan.replicas,
+            SegmentLayout.for_spec(plan.spec, settings.max_batch_tokens, settings.max_batch_size),
+            restart_backoff_s=settings.restart_backoff_s,
+            label=f"m{position}",
+            log_level=settings.log_level,
+            on_restart=metrics.worker_restarts.inc,
+        )
+        for position, plan in enumerate(plans)
+    ]
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    scheduler: Scheduler | None = None
+    schedulers: list[Scheduler] = []
     try:
         try:
             metrics.serve(settings.metrics_port, settings.host)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {exc}") from exc
-        queue = PairQueue(
-            settings.max_batch_tokens,
-            settings.max_batch_size,
-            settings.max_queued_pairs,
-            settings.max_wait_ms / 1000,
+        health = _Health(AsyncHealthServicer())
+        await set_health(health.servicer, NOT_SERVING)
+        served = []
+        for plan, pool in zip(plans, pools, strict=True):
+            queue = PairQueue(
+                settings.max_batch_tokens,
+                settings.max_batch_size,
+                settings.max_queued_pairs,
+                settings.max_wait_ms / 1000,
+            )
+            scheduler = Scheduler(plan.spec, queue, pool, metrics.for_model(plan.name))
+            schedulers.append(scheduler)
+            served.append(
+                ServedModel(
+                    name=plan.name,
+                    spec=plan.spec,
+                    dtype=plan.replicas[0].dtype,
+                    devices=tuple(r.device for r in plan.replicas),
+                    default_max_length=plan.default_max_length,
+                    max_length_limit=plan.max_length_limit,
+                    rows=plan.rows,
+                    scheduler=scheduler,
+                    ready_replicas=partial(getattr, pool, "ready_count"),
+                )
+            )
+        health.models = ModelRegistry(served)
+        for scheduler, pool in zip(schedulers, pools, strict=True):
+            pool.start(_PoolEvents(scheduler, health.update))
+        limits = RequestLimits(
+            settings.max_documents,
+            settings.max_stream_top_n,
+            settings.stream_window,
+            settings.chunk_overlap,
+            settings.max_chunks,
         )
-        scheduler = Scheduler(queue, pool, encoder.pad_token_id, metrics)
-        health_servicer = AsyncHealthServicer()
-        await set_health(health_servicer, NOT_SERVING)
-        events = _PoolEvents(scheduler, health_servicer)
-        pool.start(events)
-        service = RerankService(
-            model,
-            encoder,
-            scheduler,
-            RequestLimits(settings.max_documents, settings.max_stream_top_n, settings.stream_window),
-            executor,
-            lambda: pool.ready_count,
-        )
-        server = grpc_server(settings, service, metrics, health_servicer)
+        service = RerankService(health.models, limits, executor)
+        server = grpc_server(settings, service, metrics, health.servicer)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
         await server.start()
-        log.info("rerank-server listening on %s:%d, model %r", settings.host, port, model.name)
+        log.info(
+            "rerank-server listening on %s:%d, models %s",
+            settings.host,
+            port,
+            ", ".join(p.name for p in plans),
+        )
         await stop.wait()
 
         log.info("draining: refusing new calls, %.1f s for calls in flight", settings.grace_period_s)
-        events.draining = True
-        await health_servicer.enter_graceful_shutdown()
+        health.draining = True
+        await health.servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_period_s)
     finally:
-        if scheduler is not None:
+        for scheduler in schedulers:
             scheduler.fail_all(NoReplicaError("the server is stopping"))
-        await pool.stop()
+        for pool in pools:
+            await pool.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         metrics.close()
         log.info("stopped")

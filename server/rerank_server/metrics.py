@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server, in a registry of its own."""
+"""Prometheus metrics of one server, in a registry of its own; the queue's and the models' carry the
+served model's name as the `model` label."""
 
 from __future__ import annotations
 
@@ -17,37 +18,55 @@ class Metrics:
         self.request_seconds = Histogram(
             "rerank_request_duration_seconds", "RPC time", ["method"], buckets=_LATENCY_BUCKETS, registry=r
         )
+        model = ["model"]
         self.queue_seconds = Histogram(
             "rerank_queue_duration_seconds",
             "Queueing before a request's first batch",
+            model,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queued_pairs = Gauge("rerank_queued_pairs", "Pairs waiting for a replica", registry=r)
-        self.pairs_scored = Counter("rerank_pairs_scored", "Pairs a model replica ran", registry=r)
-        self.pairs_dropped = Counter(
-            "rerank_pairs_dropped", "Queued pairs dropped before reaching a model", ["reason"], registry=r
+        self.queued_pairs = Gauge(
+            "rerank_queued_pairs", "Pairs (rows) waiting for a replica", model, registry=r
         )
-        self.batches = Counter("rerank_batches", "Batches run", registry=r)
+        self.pairs_scored = Counter(
+            "rerank_pairs_scored", "Pairs (rows) a model replica ran", model, registry=r
+        )
+        self.pairs_dropped = Counter(
+            "rerank_pairs_dropped",
+            "Queued pairs dropped before reaching a model",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.batches = Counter("rerank_batches", "Batches run", model, registry=r)
         self.batch_pairs = Histogram(
             "rerank_batch_pairs",
             "Pairs per batch",
+            model,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
         self.batch_tokens = Histogram(
             "rerank_batch_padded_tokens",
             "Padded tokens per batch",
+            model,
             buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
             registry=r,
         )
         self.inference_seconds = Histogram(
-            "rerank_batch_inference_seconds", "Model time per batch", buckets=_LATENCY_BUCKETS, registry=r
+            "rerank_batch_inference_seconds",
+            "Model time per batch",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.replicas_ready = Gauge("rerank_replicas_ready", "Replicas loaded and serving", registry=r)
+        self.replicas_ready = Gauge("rerank_replicas_ready", "Replicas loaded and serving", model, registry=r)
         self.worker_restarts = Counter("rerank_worker_restarts", "Worker processes restarted", registry=r)
-        self.batches_lost = Counter("rerank_batches_lost", "Batches a dying replica held", registry=r)
+        self.batches_lost = Counter("rerank_batches_lost", "Batches a dying replica held", model, registry=r)
         self._http: Any = None
+
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(self, name)
 
     def serve(self, port: int, host: str) -> None:
         """Expose /metrics over HTTP (port 0: not at all)."""
@@ -59,3 +78,23 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class ModelMetrics:
+    """One served model's children of the labelled metrics, as its scheduler records them."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.model = model
+        self.queue_seconds = metrics.queue_seconds.labels(model)
+        self.queued_pairs = metrics.queued_pairs.labels(model)
+        self.pairs_scored = metrics.pairs_scored.labels(model)
+        self.batches = metrics.batches.labels(model)
+        self.batch_pairs = metrics.batch_pairs.labels(model)
+        self.batch_tokens = metrics.batch_tokens.labels(model)
+        self.inference_seconds = metrics.inference_seconds.labels(model)
+        self.replicas_ready = metrics.replicas_ready.labels(model)
+        self.batches_lost = metrics.batches_lost.labels(model)
+        self._pairs_dropped = metrics.pairs_dropped
+
+    def pairs_dropped(self, reason: str) -> Any:
+        return self._pairs_dropped.labels(self.model, reason)

@@ -1,39 +1,39 @@
-"""Ordering of results: score descending, ties by index ascending, at most top_n."""
+"""Ordering of results: raw score descending, ties by index ascending, at most top_n.
+
+Ranking uses the raw score: a float32 normalized score saturates at 1.0 for large logits (LLM
+rerankers reach them) and would tie, while the normalizations are monotonic in the raw score.
+"""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
 
-from rerank_client.types import RankedDocument
+import numpy as np
+import numpy.typing as npt
 
-
-def rank(results: Iterable[RankedDocument], top_n: int) -> list[RankedDocument]:
-    """All results ordered, or the best top_n of them (top_n 0 = all)."""
-    key = _order_key
-    if top_n:
-        return heapq.nsmallest(top_n, results, key=key)
-    return sorted(results, key=key)
+from rerank_server.types import RankedDocument
 
 
-def _order_key(result: RankedDocument) -> tuple[float, int]:
-    return (-result.score, result.index)
+def order(raw: npt.NDArray[np.float32], top_n: int) -> npt.NDArray[np.intp]:
+    """Positions of the best raw scores first (ties by position), at most top_n of them (0 = all)."""
+    best_first = np.argsort(-raw, kind="stable")
+    return best_first[:top_n] if top_n else best_first
 
 
 class TopN:
-    """The best n results seen so far, in O(n) memory, for streams of any length."""
+    """The best n results seen so far by raw score, in O(n) memory, for streams of any length."""
 
     def __init__(self, n: int) -> None:
         self._n = n
-        # Min-heap on the order key reversed: the root is the worst kept result.
+        # Min-heap on (raw, -index): the root is the worst kept result.
         self._heap: list[tuple[float, int, RankedDocument]] = []
 
-    def offer(self, result: RankedDocument) -> None:
-        entry = (result.score, -result.index, result)
+    def offer(self, raw: float, result: RankedDocument) -> None:
+        entry = (raw, -result.index, result)
         if len(self._heap) < self._n:
             heapq.heappush(self._heap, entry)
         elif entry[:2] > self._heap[0][:2]:
             heapq.heapreplace(self._heap, entry)
 
     def results(self) -> list[RankedDocument]:
-        return rank((entry[2] for entry in self._heap), 0)
+        return [entry[2] for entry in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]

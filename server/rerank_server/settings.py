@@ -7,12 +7,22 @@ Built once in `main`; nothing reads settings at import time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from rerank_server.models.base import DEFAULT_MODEL
+from rerank_server.families.base import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One `--model` value: the name clients use, where the model is, and its family (or auto)."""
+
+    name: str
+    source: str
+    family: str
 
 
 class ServerSettings(BaseSettings):
@@ -27,14 +37,17 @@ class ServerSettings(BaseSettings):
         extra="ignore",
     )
 
-    model: str = Field(
-        DEFAULT_MODEL,
-        description="Hub id or local directory of the model. The default is a small embedded bi-encoder "
-        "for trying the server; production uses a cross-encoder such as BAAI/bge-reranker-v2-m3.",
+    model: Annotated[list[str], NoDecode] = Field(
+        [DEFAULT_MODEL],
+        description="A model to serve, as [NAME=]SOURCE: SOURCE a hub id or local directory, NAME what "
+        "clients ask for (default: SOURCE). Repeat the flag (or separate by commas) to serve several; "
+        "the first is the default. The default model is a small embedded bi-encoder for trying the "
+        "server; production uses a reranker such as BAAI/bge-reranker-v2-m3.",
     )
-    model_name: str = Field("", description="Name clients use for the model; empty = the model setting.")
-    family: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
-        "auto", description="Model family; auto reads it from the model's config."
+    family: Annotated[list[str], NoDecode] = Field(
+        ["auto"],
+        description="Model family: auto reads it from the model's config; a family name forces it. "
+        "One value for every model, or one per model in --model's order.",
     )
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port, logged at start).")
@@ -49,7 +62,9 @@ class ServerSettings(BaseSettings):
         0, ge=0, description="torch threads per CPU worker (0 = CPU cores / cpu_replicas)."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights and activations; auto = float16 on a GPU, float32 on the CPU."
+        "auto",
+        description="Weights and activations; auto = the family's usual dtype on a GPU (float16 for "
+        "encoders, bfloat16 for LLM rerankers), float32 on the CPU.",
     )
     max_length: int = Field(
         0, ge=0, description="Default token budget of one pair (0 = the model's own default)."
@@ -75,11 +90,46 @@ class ServerSettings(BaseSettings):
     restart_backoff_s: float = Field(
         1.0, ge=0, description="First wait before restarting a dead worker (doubles, up to 30 s)."
     )
+    chunk_overlap: int = Field(
+        64, ge=0, description="TRUNCATION_CHUNK: tokens shared by neighbouring windows (at most half one)."
+    )
+    max_chunks: int = Field(
+        10, ge=1, description="TRUNCATION_CHUNK: most windows scored per document; the rest is cut."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
-    @property
-    def served_name(self) -> str:
-        return self.model_name or self.model
+    @field_validator("model", "family", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """RERANK_MODEL=a,b (and a flag value with commas) means several values."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and any(isinstance(v, str) and "," in v for v in value):
+            return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+        return value
+
+    def models(self) -> list[ModelChoice]:
+        """The models to serve, in order; raises ValueError for settings that cannot be met."""
+        if not self.model:
+            raise ValueError("no model to serve: give --model at least once")
+        if len(self.family) not in (1, len(self.model)):
+            raise ValueError(
+                f"{len(self.family)} families for {len(self.model)} models: give one family for all "
+                "models, or one per model"
+            )
+        families = self.family * len(self.model) if len(self.family) == 1 else self.family
+        choices = []
+        for value, family in zip(self.model, families, strict=True):
+            name, equals, source = value.partition("=")
+            if not equals:
+                name = source = value
+            if not name or not source:
+                raise ValueError(f"--model {value!r}: expected [NAME=]SOURCE")
+            choices.append(ModelChoice(name, source, family))
+        names = [choice.name for choice in choices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names repeat: {names}")
+        return choices
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> ServerSettings:

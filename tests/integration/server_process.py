@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from rerank_client import RerankerClient
 from rerank_server.transport.shm import leftover_segments
 
@@ -95,19 +96,18 @@ class ServerProcess:
         return sorted(pids)
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """One sample from /metrics (0 when absent)."""
+        """The sum of a metric's samples in /metrics that carry these labels (0 when none does)."""
         body = (
             urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
             .read()
             .decode()
         )
-        wanted = name + (
-            "{" + ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items())) + "}" if labels else ""
-        )
-        for line in body.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return 0.0
+        total = 0.0
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                    total += sample.value
+        return total
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal the server and wait (kill it and its workers if it hangs); returns the exit code."""

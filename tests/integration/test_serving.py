@@ -73,8 +73,7 @@ DOCUMENTS = [
 @pytest.fixture(scope="module")
 def server(start_module_server: StartServer, bert_cross_encoder_dir: Path) -> ServerProcess:
     return start_module_server(
-        "--model", str(bert_cross_encoder_dir),
-        "--model-name", "tiny-bert",
+        "--model", f"tiny-bert={bert_cross_encoder_dir}",
         "--cpu-replicas", "2",
         "--max-documents", "20000",
         "--max-queued-pairs", "25000",
@@ -254,9 +253,19 @@ def test_list_models_health_and_reflection(server: ServerProcess, client: Rerank
         ),
         ({"query": "q", "documents": ["a"], "max_length": 2}, InvalidArgumentError, "too short"),
         (
-            {"query": "q", "documents": ["short", " ".join(WORDS * 60)], "truncate": False},
+            {"query": "q", "documents": ["short", " ".join(WORDS * 60)], "truncation": "none"},
             InvalidArgumentError,
             "document 1 needs",
+        ),
+        (
+            {"query": "q", "documents": ["a"], "instruction": "judge"},
+            InvalidArgumentError,
+            "takes no instruction",
+        ),
+        (
+            {"query": "q", "documents": ["a"], "cutoff_layer": 3},
+            InvalidArgumentError,
+            "cutoff_layer is for layerwise models",
         ),
     ],
     ids=[
@@ -267,6 +276,8 @@ def test_list_models_health_and_reflection(server: ServerProcess, client: Rerank
         "max-length-high",
         "max-length-low",
         "no-fit",
+        "instruction",
+        "cutoff-layer",
     ],
 )
 def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(

@@ -29,8 +29,23 @@ MODELS = (
         replicas=2,
         ready_replicas=1,
         ready=True,
+        takes_instruction=True,
+        default_instruction="Given a query, find the passages that answer it",
     ),
     pb.ModelInfo(name="other", family="bi-encoder", max_length=256, max_length_limit=256, dtype="bfloat16"),
+    pb.ModelInfo(
+        name="layerwise",
+        family="minicpm-layerwise",
+        max_length=1024,
+        max_length_limit=8192,
+        dtype="bfloat16",
+        devices=["cuda:0"],
+        replicas=1,
+        ready_replicas=1,
+        ready=True,
+        min_cutoff_layer=8,
+        max_cutoff_layer=40,
+    ),
 )
 
 
@@ -50,11 +65,22 @@ def ranked(query: str, documents: list[str], request: pb.RerankRequest) -> pb.Re
         for i in order
     ]
     tokens = sum(len(query) + len(document) for document in documents)
-    truncated = sum(len(query) + len(d) > request.max_length for d in documents) if request.max_length else 0
+    # A pair's length is len(query) + len(document); CHUNK splits a long one into that many windows.
+    windows = [
+        -(-(len(query) + len(d)) // request.max_length) if request.max_length else 1 for d in documents
+    ]
+    long = sum(n > 1 for n in windows)
+    chunk = request.truncation == pb.TRUNCATION_CHUNK
     return pb.RerankResponse(
         results=results,
         model=request.model or MODEL,
-        usage=pb.Usage(documents=len(documents), tokens=tokens, truncated=truncated),
+        usage=pb.Usage(
+            documents=len(documents),
+            tokens=tokens,
+            truncated=0 if chunk else long,
+            chunked=long if chunk else 0,
+            windows=sum(windows) if chunk else len(documents),
+        ),
         timings=TIMINGS,
     )
 

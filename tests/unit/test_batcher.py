@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from rerank_server.errors import OverloadedError
-from rerank_server.scheduling.batcher import PairQueue, QueuedPair
+from rerank_server.families.base import Row
+from rerank_server.scheduling.batcher import PairQueue, QueuedRow
 
 
 @dataclass(eq=False)
@@ -16,15 +18,19 @@ class Owner:
     closed: bool = False
 
 
-def pairs(owner: Owner, lengths: list[int], at: float = 0.0) -> list[QueuedPair]:
-    return [QueuedPair(owner, i, [7] * n, [0] * n, at) for i, n in enumerate(lengths)]
+def row(document: int, length: int) -> Row:
+    return Row(document, {"input_ids": np.full(length, 7, dtype=np.int32)})
+
+
+def pairs(owner: Owner, lengths: list[int], at: float = 0.0) -> list[QueuedRow]:
+    return [QueuedRow(owner, row(i, n), at) for i, n in enumerate(lengths)]
 
 
 def make_queue(tokens: int = 1000, size: int = 100, max_pairs: int = 10_000, wait: float = 0.01) -> PairQueue:
     return PairQueue(max_batch_tokens=tokens, max_batch_size=size, max_pairs=max_pairs, max_wait=wait)
 
 
-def padded_tokens(batch: list[QueuedPair]) -> int:
+def padded_tokens(batch: list[QueuedRow]) -> int:
     return len(batch) * max(p.length for p in batch)
 
 
@@ -73,7 +79,7 @@ def test_a_large_request_is_split_into_many_batches() -> None:
     batches = [queue.next_batch(1.0).pairs for _ in range(10)]
     assert all(len(b) == 64 for b in batches)
     assert len(queue) == 0
-    assert sorted(p.index for b in batches for p in b) == list(range(640))
+    assert sorted(p.row.document for b in batches for p in b) == list(range(640))
 
 
 def test_an_unfilled_batch_waits_at_most_max_wait() -> None:
@@ -148,7 +154,7 @@ def test_later_chunks_of_a_stream_join_its_queue_sorted() -> None:
     queue = make_queue(tokens=1000, size=3, wait=0.0)
     a = Owner("a")
     queue.push(a, pairs(a, [5, 50]))
-    queue.push(a, [QueuedPair(a, 2, [1] * 40, [0] * 40, 0.0)])
+    queue.push(a, [QueuedRow(a, row(2, 40), 0.0)])
     assert [p.length for p in queue.next_batch(1.0).pairs] == [50, 40, 5]
 
 

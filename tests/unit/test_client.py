@@ -32,6 +32,7 @@ from rerank_client import (
     ResourceExhaustedError,
     RetryPolicy,
     Timings,
+    Truncation,
     UnavailableError,
     Usage,
     from_rpc_error,
@@ -143,7 +144,11 @@ def test_rerank_returns_typed_results(connect: Callable[..., Client]) -> None:
     ]
     assert result.model == MODEL
     assert result.usage == Usage(
-        documents=len(DOCUMENTS), tokens=sum(len("q") + len(d) for d in DOCUMENTS), truncated=0
+        documents=len(DOCUMENTS),
+        tokens=sum(len("q") + len(d) for d in DOCUMENTS),
+        truncated=0,
+        chunked=0,
+        windows=len(DOCUMENTS),
     )
     assert result.timings == Timings(
         tokenize_ms=TIMINGS.tokenize_ms,
@@ -175,32 +180,73 @@ def test_list_models_is_typed(connect: Callable[..., Client]) -> None:
             replicas=m.replicas,
             ready_replicas=m.ready_replicas,
             ready=m.ready,
+            takes_instruction=m.takes_instruction,
+            default_instruction=m.default_instruction,
+            min_cutoff_layer=m.min_cutoff_layer,
+            max_cutoff_layer=m.max_cutoff_layer,
         )
         for m in MODELS
     ]
     assert all(isinstance(m.devices, list) for m in models)
+    by_name = {m.name: m for m in models}
+    assert by_name[MODEL].takes_instruction is True
+    assert by_name[MODEL].default_instruction == MODELS[0].default_instruction != ""
+    assert (by_name["layerwise"].min_cutoff_layer, by_name["layerwise"].max_cutoff_layer) == (8, 40)
+    # Unset in the message: the dataclass defaults, not None.
+    other = by_name["other"]
+    assert (other.takes_instruction, other.default_instruction) == (False, "")
+    assert (other.min_cutoff_layer, other.max_cutoff_layer) == (0, 0)
 
 
 # --- what reaches the server ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("truncate", "truncation"), [(True, pb.TRUNCATION_UNSPECIFIED), (False, pb.TRUNCATION_NONE)]
+    ("truncation", "wire"),
+    [
+        (Truncation.END, pb.TRUNCATION_UNSPECIFIED),  # the server's documented default, as before
+        ("end", pb.TRUNCATION_UNSPECIFIED),
+        (Truncation.NONE, pb.TRUNCATION_NONE),
+        ("none", pb.TRUNCATION_NONE),
+        (Truncation.CHUNK, pb.TRUNCATION_CHUNK),
+        ("chunk", pb.TRUNCATION_CHUNK),
+    ],
 )
 def test_rerank_options_reach_the_server(
-    connect: Callable[..., Client], server: FakeServer, truncate: bool, truncation: int
+    connect: Callable[..., Client], server: FakeServer, truncation: Truncation | str, wire: int
 ) -> None:
     result = connect().rerank(
-        "q", DOCUMENTS, top_n=2, model="m2", raw_scores=True, max_length=4, truncate=truncate
+        "q",
+        DOCUMENTS,
+        top_n=2,
+        model="m2",
+        raw_scores=True,
+        max_length=4,
+        truncation=truncation,
+        instruction="Find the longest",
+        cutoff_layer=28,
     )
 
     sent = server.reranker.requests[-1]
     assert (sent.query, list(sent.documents), sent.model) == ("q", DOCUMENTS, "m2")
-    assert (sent.top_n, sent.raw_scores, sent.max_length, sent.truncation) == (2, True, 4, truncation)
+    assert (sent.top_n, sent.raw_scores, sent.max_length, sent.truncation) == (2, True, 4, wire)
+    assert (sent.instruction, sent.cutoff_layer) == ("Find the longest", 28)
     assert sent.return_documents is False
     assert [r.index for r in result.results] == expected_order(DOCUMENTS)[:2]
     assert result.model == "m2"
-    assert result.usage.truncated == sum(len("q") + len(d) > 4 for d in DOCUMENTS)
+    too_long = sum(len("q") + len(d) > 4 for d in DOCUMENTS)
+    assert too_long > 0
+    if wire == pb.TRUNCATION_CHUNK:
+        assert (result.usage.truncated, result.usage.chunked) == (0, too_long)
+    else:
+        assert (result.usage.truncated, result.usage.chunked) == (too_long, 0)
+
+
+def test_chunked_usage_comes_back_typed(connect: Callable[..., Client]) -> None:
+    documents = ["a" * 9, "b", "c" * 3]  # pairs of 10, 2 and 4 characters: 3, 1 and 1 windows of 4
+    usage = connect().rerank("q", documents, max_length=4, truncation=Truncation.CHUNK).usage
+    assert usage == Usage(documents=3, tokens=16, truncated=0, chunked=1, windows=5)
+    assert all(type(n) is int for n in (usage.chunked, usage.windows))
 
 
 def test_rerank_defaults_reach_the_server(connect: Callable[..., Client], server: FakeServer) -> None:
@@ -212,6 +258,7 @@ def test_rerank_defaults_reach_the_server(connect: Callable[..., Client], server
         False,
         pb.TRUNCATION_UNSPECIFIED,
     )
+    assert (sent.instruction, sent.cutoff_layer) == ("", 0)
 
 
 def test_stream_header_carries_the_options(connect: Callable[..., Client], server: FakeServer) -> None:
@@ -224,13 +271,52 @@ def test_stream_header_carries_the_options(connect: Callable[..., Client], serve
         return_documents=True,
         raw_scores=True,
         max_length=64,
-        truncate=False,
+        truncation="chunk",
+        instruction="Find the longest",
+        cutoff_layer=12,
         chunk_size=2,
     )
     header = server.reranker.requests[-1]
     assert (header.query, header.model, header.top_n, header.max_length) == ("q", "m2", 3, 64)
-    assert (header.return_documents, header.raw_scores, header.truncation) == (True, True, pb.TRUNCATION_NONE)
+    assert (header.return_documents, header.raw_scores) == (True, True)
+    assert (header.truncation, header.instruction, header.cutoff_layer) == (
+        pb.TRUNCATION_CHUNK,
+        "Find the longest",
+        12,
+    )
     assert list(header.documents) == documents[:2]  # the first chunk rides in the header
+
+
+def test_truncation_is_a_str_enum() -> None:
+    assert [t.value for t in Truncation] == ["end", "none", "chunk"]
+    assert Truncation("chunk") is Truncation.CHUNK
+    assert Truncation.CHUNK == "chunk"
+
+
+@pytest.mark.parametrize("truncation", ["middle", "END", "", 2, True])
+def test_an_unknown_truncation_is_refused_before_any_call(
+    connect: Callable[..., Client], server: FakeServer, truncation: Any
+) -> None:
+    client = connect()
+    taken: list[str] = []
+
+    def documents() -> Iterator[str]:
+        for d in DOCUMENTS:
+            taken.append(d)
+            yield d
+
+    with pytest.raises(ValueError, match="truncation must be one of 'end', 'none', 'chunk'"):
+        client.rerank("q", DOCUMENTS, truncation=truncation)
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        client.stream_rerank("q", documents(), top_n=1, truncation=truncation)
+    assert taken == []  # the stream's documents were not read either
+    assert server.reranker.attempts == {}
+
+
+def test_the_old_truncate_flag_is_gone(connect: Callable[..., Client]) -> None:
+    """Renamed, not aliased: a caller still passing truncate= fails loudly instead of being ignored."""
+    with pytest.raises(TypeError, match="truncate"):
+        connect().rerank("q", DOCUMENTS, truncate=False)  # type: ignore[call-arg]
 
 
 def test_metadata_and_timeouts_reach_the_server(connect: Callable[..., Client], server: FakeServer) -> None:

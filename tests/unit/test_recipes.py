@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from reference import FlagReference, st_scores
-from rerank_server.models import DEFAULT_MODEL, describe_model, load_encoder, load_scorer
-from rerank_server.models.base import EncodedPair, ModelSpec, PairEncoder, PairScorer, PairTooLongError
-from rerank_server.scheduling.scheduler import build_batch_arrays
+from rerank_server.families import DEFAULT_MODEL, describe_model, load_row_builder, load_scorer
+from rerank_server.families.base import (
+    ModelSpec,
+    PairTooLongError,
+    Row,
+    RowBuilder,
+    RowOptions,
+    Scorer,
+    TokenBatch,
+    pack_rows,
+)
+from rerank_server.types import Truncation
 from tiny_models import CORPUS
 
 if TYPE_CHECKING:
@@ -41,21 +50,38 @@ DOCUMENTS = [
 ]
 
 
-def score_rows(scorer: PairScorer, rows: list[EncodedPair], pad_token_id: int) -> np.ndarray:
-    arrays = build_batch_arrays(rows, pad_token_id)
-    return scorer.score(arrays.input_ids, arrays.attention_mask, arrays.token_type_ids)
-
-
 @dataclass
 class Served:
     spec: ModelSpec
-    encoder: PairEncoder
-    scorer: PairScorer
+    builder: RowBuilder
+    scorer: Scorer
+
+    def encode(
+        self,
+        query: str,
+        documents: list[str],
+        max_length: int,
+        truncation: Truncation = Truncation.END,
+        first: int = 0,
+    ) -> list[Row]:
+        return self.builder.rows(query, documents, RowOptions(max_length, truncation), first)
+
+    def score(self, rows: list[Row]) -> np.ndarray:
+        """Scores of the rows as one padded batch."""
+        return self.scorer.score(pack_rows(rows, self.spec))
 
 
 def serve(source: str | Path) -> Served:
     spec = describe_model(str(source))
-    return Served(spec, load_encoder(spec), load_scorer(spec, "cpu", "float32"))
+    return Served(spec, load_row_builder(spec), load_scorer(spec, "cpu", "float32"))
+
+
+def ids(row: Row) -> list[int]:
+    return row.tokens["input_ids"].tolist()
+
+
+def types(row: Row) -> list[int]:
+    return row.tokens["token_type_ids"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +114,20 @@ def test_cross_encoder_matches_flag_reranker(
     cross: dict[str, tuple[Served, FlagReference]], layout: str, query: str, max_length: int
 ) -> None:
     served, reference = cross[layout]
-    rows = served.encoder.encode(query, DOCUMENTS, max_length=max_length, truncate=True)
+    rows = served.encode(query, DOCUMENTS, max_length)
     expected = [reference.row(query, document, max_length) for document in DOCUMENTS]
     for row, want in zip(rows, expected, strict=True):
-        assert row.input_ids == want.input_ids
+        assert ids(row) == want.input_ids
         if want.token_type_ids is not None:
-            assert row.token_type_ids == want.token_type_ids
+            assert types(row) == want.token_type_ids
         assert row.truncated == want.truncated
-        assert len(row.input_ids) <= max_length
+        assert row.length <= max_length
     # The cases this test names are really exercised.
     assert any(want.truncated for want in expected)
     if query == LONG_QUERY:
         assert len(reference.tokens(query)) > max_length * 3 // 4
         assert all(row.truncated for row in rows)
-    scores = score_rows(served.scorer, rows, served.encoder.pad_token_id)  # one padded batch
+    scores = served.score(rows)  # one padded batch
     want_scores = [reference.score(want) for want in expected]  # one pair at a time
     assert np.ptp(want_scores) > 1e-3, "the tiny model must tell these inputs apart"
     assert scores.dtype == np.float32
@@ -117,66 +143,61 @@ def test_short_query_rows_equal_the_tokenizers_only_second_pair(
     # Not the empty document: transformers 5 takes an empty text_pair for no pair at all and leaves
     # out the closing separator that FlagReranker's prepare_for_model (and the encoder) puts there.
     documents = [document for document in DOCUMENTS if document]
-    rows = served.encoder.encode(SHORT_QUERY, documents, max_length=max_length, truncate=True)
+    rows = served.encode(SHORT_QUERY, documents, max_length)
     for row, document in zip(rows, documents, strict=True):
         want = reference.tokenizer(SHORT_QUERY, document, truncation="only_second", max_length=max_length)
-        assert row.input_ids == want["input_ids"]
+        assert ids(row) == want["input_ids"]
         if "token_type_ids" in want:
-            assert row.token_type_ids == want["token_type_ids"]
+            assert types(row) == want["token_type_ids"]
 
 
 def test_bert_scores_use_token_type_ids(cross: dict[str, tuple[Served, FlagReference]]) -> None:
     served, _ = cross["bert"]
-    rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS[:4], max_length=128, truncate=True)
-    assert all(1 in row.token_type_ids for row in rows)
-    arrays = build_batch_arrays(rows, served.encoder.pad_token_id)
-    input_ids, attention_mask, token_type_ids = arrays.input_ids, arrays.attention_mask, arrays.token_type_ids
-    with_types = served.scorer.score(input_ids, attention_mask, token_type_ids)
-    without_types = served.scorer.score(input_ids, attention_mask, np.zeros_like(token_type_ids))
-    assert np.abs(with_types - without_types).max() > 1e-3
+    rows = served.encode(SHORT_QUERY, DOCUMENTS[:4], 128)
+    assert all(1 in types(row) for row in rows)
+    batch = pack_rows(rows, served.spec)
+    untyped = TokenBatch(
+        batch.lengths, {**batch.tokens, "token_type_ids": np.zeros_like(batch.tokens["token_type_ids"])}, {}
+    )
+    assert np.abs(served.scorer.score(batch) - served.scorer.score(untyped)).max() > 1e-3
 
 
-def test_xlmr_scorer_leaves_token_type_ids_out(cross: dict[str, tuple[Served, FlagReference]]) -> None:
+def test_xlmr_rows_carry_no_token_type_ids(cross: dict[str, tuple[Served, FlagReference]]) -> None:
+    """XLM-R has one token type: its rows and batches carry input_ids alone."""
     served, _ = cross["xlmr"]
-    rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS[:4], max_length=128, truncate=True)
-    arrays = build_batch_arrays(rows, served.encoder.pad_token_id)
-    input_ids, attention_mask, token_type_ids = arrays.input_ids, arrays.attention_mask, arrays.token_type_ids
-    # XLM-R has one token type: ids of 1 would index past its table if they were passed on.
-    scores = served.scorer.score(input_ids, attention_mask, np.ones_like(token_type_ids))
-    np.testing.assert_array_equal(scores, served.scorer.score(input_ids, attention_mask, token_type_ids))
+    assert served.spec.token_columns == ()
+    (row,) = served.encode(SHORT_QUERY, DOCUMENTS[:1], 128)
+    assert set(row.tokens) == {"input_ids"}
 
 
 @pytest.mark.parametrize("layout", ["bert", "xlmr"])
-def test_cross_encoder_truncate_false_names_the_first_pair_too_long(
+def test_cross_encoder_truncation_none_names_the_first_pair_too_long(
     cross: dict[str, tuple[Served, FlagReference]], layout: str
 ) -> None:
-    served, reference = cross[layout]
+    served, _ = cross[layout]
     documents = [DOCUMENTS[0], DOCUMENTS[1], LONG_DOCUMENT, LONG_DOCUMENT]
-    with pytest.raises(PairTooLongError) as raised:
-        served.encoder.encode(SHORT_QUERY, documents, max_length=64, truncate=False, first_index=10)
-    assert raised.value.index == 12
-    assert raised.value.tokens == reference.row(SHORT_QUERY, LONG_DOCUMENT, 64).full_length
-    assert raised.value.max_length == 64
+    with pytest.raises(PairTooLongError, match=r"document 12 needs \d+ tokens; \d+ fit .* max_length 64"):
+        served.encode(SHORT_QUERY, documents, 64, Truncation.NONE, first=10)
 
 
 @pytest.mark.parametrize("layout", ["bert", "xlmr"])
-def test_cross_encoder_truncate_false_keeps_a_long_query_that_fits(
+def test_cross_encoder_truncation_none_refuses_what_the_recipe_would_cut(
     cross: dict[str, tuple[Served, FlagReference]], layout: str
 ) -> None:
+    """The recipe cuts a query over 3/4 of max_length even when the pair would fit whole: NONE refuses
+    it rather than score a row the reference never would."""
     served, reference = cross[layout]
     document = DOCUMENTS[0]
     fits = reference.row(LONG_QUERY, document, 512).full_length  # max_length that holds the pair exactly
     assert len(reference.tokens(LONG_QUERY)) > fits * 3 // 4  # the recipe would cut this query
-
-    (whole,) = served.encoder.encode(LONG_QUERY, [document], max_length=fits, truncate=False)
-    assert len(whole.input_ids) == fits
-    assert not whole.truncated
-    (cut,) = served.encoder.encode(LONG_QUERY, [document], max_length=fits, truncate=True)
-    assert cut.input_ids == reference.row(LONG_QUERY, document, fits).input_ids
+    with pytest.raises(PairTooLongError, match="the query needs"):
+        served.encode(LONG_QUERY, [document], fits, Truncation.NONE)
+    (cut,) = served.encode(LONG_QUERY, [document], fits)
+    assert ids(cut) == reference.row(LONG_QUERY, document, fits).input_ids
     assert cut.truncated
-    with pytest.raises(PairTooLongError) as raised:
-        served.encoder.encode(LONG_QUERY, [document], max_length=fits - 1, truncate=False)
-    assert (raised.value.index, raised.value.tokens) == (0, fits)
+    (whole,) = served.encode(SHORT_QUERY, [document], 64, Truncation.NONE)
+    assert ids(whole) == reference.row(SHORT_QUERY, document, 64).input_ids
+    assert not whole.truncated
 
 
 @pytest.mark.parametrize("layout", ["bert", "xlmr"])
@@ -184,40 +205,48 @@ def test_cross_encoder_batch_scores_equal_single_row_scores(
     cross: dict[str, tuple[Served, FlagReference]], layout: str
 ) -> None:
     served, _ = cross[layout]
-    rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS, max_length=256, truncate=True)
-    rows += served.encoder.encode(LONG_QUERY, DOCUMENTS[:2], max_length=256, truncate=True)
-    assert len({len(row.input_ids) for row in rows}) > 3  # a batch that really needs padding
-    pad = served.encoder.pad_token_id
-    alone = [score_rows(served.scorer, [row], pad)[0] for row in rows]
-    np.testing.assert_allclose(score_rows(served.scorer, rows, pad), alone, rtol=0, atol=TOLERANCE)
+    rows = served.encode(SHORT_QUERY, DOCUMENTS, 256)
+    rows += served.encode(LONG_QUERY, DOCUMENTS[:2], 256)
+    assert len({row.length for row in rows}) > 3  # a batch that really needs padding
+    alone = [served.score([row])[0] for row in rows]
+    np.testing.assert_allclose(served.score(rows), alone, rtol=0, atol=TOLERANCE)
 
 
 def test_cross_encoder_runs_in_half_precision(cross: dict[str, tuple[Served, FlagReference]]) -> None:
     served, _ = cross["bert"]
-    rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS, max_length=128, truncate=True)
-    full = score_rows(served.scorer, rows, served.encoder.pad_token_id)
-    half = score_rows(load_scorer(served.spec, "cpu", "bfloat16"), rows, served.encoder.pad_token_id)
+    rows = served.encode(SHORT_QUERY, DOCUMENTS, 128)
+    full = served.score(rows)
+    half = load_scorer(served.spec, "cpu", "bfloat16").score(pack_rows(rows, served.spec))
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, rtol=0, atol=0.05 * np.abs(full).max())
 
 
 def test_long_pairs_encode_in_linear_time(cross: dict[str, tuple[Served, FlagReference]]) -> None:
     """post_process on truncated encodings combines every overflow piece of the query with every one
-    of the document: seconds per pair at this size. The encoder must not go that way."""
+    of the document: seconds per pair at this size. The row builder must not go that way."""
     served, _ = cross["bert"]
     started = time.perf_counter()
-    rows = served.encoder.encode(LONG_DOCUMENT * 10, [LONG_DOCUMENT * 10] * 3, max_length=512, truncate=True)
+    rows = served.encode(LONG_DOCUMENT * 10, [LONG_DOCUMENT * 10] * 3, 512)
     assert time.perf_counter() - started < 3.0
-    assert all(len(row.input_ids) == 512 and row.truncated for row in rows)
+    assert all(row.length == 512 and row.truncated for row in rows)
 
 
 def test_cross_encoder_normalize_is_a_stable_sigmoid(cross: dict[str, tuple[Served, FlagReference]]) -> None:
-    encoder = cross["bert"][0].encoder
-    assert encoder.normalize(0.0) == 0.5
-    assert encoder.normalize(2.0) == pytest.approx(1 / (1 + np.exp(-2.0)))
-    assert encoder.normalize(-2.0) == pytest.approx(1 / (1 + np.exp(2.0)))
-    assert encoder.normalize(-1000.0) == 0.0
-    assert encoder.normalize(1000.0) == 1.0
+    normalize = cross["bert"][0].builder.normalize
+    raw = np.array([0.0, 2.0, -2.0, -1000.0, 1000.0], dtype=np.float32)
+    expected = [0.5, 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0)), 0.0, 1.0]
+    np.testing.assert_allclose(normalize(raw), expected, rtol=1e-6, atol=0)
+
+
+def test_user_text_that_spells_special_tokens_stays_text(
+    cross: dict[str, tuple[Served, FlagReference]],
+) -> None:
+    served, reference = cross["bert"]
+    (row,) = served.encode("pandas [SEP] bamboo", ["[CLS] eat [SEP] [PAD]"], 64)
+    tokenizer = reference.tokenizer
+    specials = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    inner = ids(row)[1:-1]
+    assert sum(token in specials for token in inner) == 1  # the one [SEP] between query and document
 
 
 # --- bi-encoder -----------------------------------------------------------------------------------
@@ -229,27 +258,26 @@ def test_bi_encoder_matches_sentence_transformers(
 ) -> None:
     served, model = minilm
     assert model.max_seq_length == served.spec.default_max_length
-    rows = served.encoder.encode(query, DOCUMENTS, max_length=served.spec.default_max_length, truncate=True)
+    rows = served.encode(query, DOCUMENTS, served.spec.default_max_length)
     for row, document in zip(rows, DOCUMENTS, strict=True):
         length = len(model.tokenizer(document)["input_ids"])  # with specials, nothing cut
         assert row.truncated == (length > model.max_seq_length or query == LONG_DOCUMENT)
     assert any(row.truncated for row in rows)
-    scores = score_rows(served.scorer, rows, served.encoder.pad_token_id)
-    np.testing.assert_allclose(scores, st_scores(model, query, DOCUMENTS), rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(served.score(rows), st_scores(model, query, DOCUMENTS), rtol=0, atol=TOLERANCE)
 
 
 def test_bi_encoder_rows_split_into_the_tokenizers_encodings(
     minilm: tuple[Served, SentenceTransformer],
 ) -> None:
     served, model = minilm
-    rows = served.encoder.encode(SHORT_QUERY, DOCUMENTS[:4], max_length=256, truncate=True)
+    rows = served.encode(SHORT_QUERY, DOCUMENTS[:4], 256)
     query = model.tokenizer(SHORT_QUERY)["input_ids"]
     for row, document in zip(rows, DOCUMENTS[:4], strict=True):
-        types = np.asarray(row.token_type_ids)
-        ids = np.asarray(row.input_ids)
-        assert ids[types == 0].tolist() == query
-        assert ids[types == 1].tolist() == model.tokenizer(document)["input_ids"]
-        assert row.token_type_ids == sorted(row.token_type_ids)  # query part first
+        row_types = np.asarray(types(row))
+        row_ids = np.asarray(ids(row))
+        assert row_ids[row_types == 0].tolist() == query
+        assert row_ids[row_types == 1].tolist() == model.tokenizer(document)["input_ids"]
+        assert types(row) == sorted(types(row))  # query part first
 
 
 def test_bi_encoder_keeps_200_tokens_despite_the_tokenizer_json_cap_of_128(
@@ -258,60 +286,58 @@ def test_bi_encoder_keeps_200_tokens_despite_the_tokenizer_json_cap_of_128(
     served, model = minilm
     document = " ".join(["panda"] * 200)
     assert len(model.tokenizer(document, add_special_tokens=False)["input_ids"]) == 200
-    (row,) = served.encoder.encode("pandas", [document], max_length=256, truncate=False)
-    assert row.token_type_ids.count(1) == 202  # [CLS] 200 tokens [SEP], neither cut nor padded to 128
-    assert row.token_type_ids.count(0) == len(model.tokenizer("pandas")["input_ids"])
+    (row,) = served.encode("pandas", [document], 256, Truncation.NONE)
+    assert types(row).count(1) == 202  # [CLS] 200 tokens [SEP], neither cut nor padded to 128
+    assert types(row).count(0) == len(model.tokenizer("pandas")["input_ids"])
     assert not row.truncated
-    score = score_rows(served.scorer, [row], served.encoder.pad_token_id)
-    np.testing.assert_allclose(score, st_scores(model, "pandas", [document]), rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        served.score([row]), st_scores(model, "pandas", [document]), rtol=0, atol=TOLERANCE
+    )
 
 
 def test_bi_encoder_batch_of_several_queries(minilm: tuple[Served, SentenceTransformer]) -> None:
     served, model = minilm
     queries = [SHORT_QUERY, "which city is the capital of France?", SHORT_QUERY]
-    rows: list[EncodedPair] = []
+    rows: list[Row] = []
     expected: list[float] = []
     for query in queries:
-        rows += served.encoder.encode(query, DOCUMENTS[:4], max_length=256, truncate=True)
+        rows += served.encode(query, DOCUMENTS[:4], 256)
         expected += st_scores(model, query, DOCUMENTS[:4]).tolist()
-    pad = served.encoder.pad_token_id
-    batch = score_rows(served.scorer, rows, pad)
+    batch = served.score(rows)
     np.testing.assert_allclose(batch, expected, rtol=0, atol=TOLERANCE)
-    alone = [score_rows(served.scorer, [row], pad)[0] for row in rows]
+    alone = [served.score([row])[0] for row in rows]
     np.testing.assert_allclose(batch, alone, rtol=0, atol=TOLERANCE)
 
 
 def test_bi_encoder_row_without_a_document_part_scores_zero(
     minilm: tuple[Served, SentenceTransformer],
 ) -> None:
-    """Rows not made by the encoder (a worker's warm-up batch) may carry no token of type 1."""
+    """Rows not made by the row builder (a worker's warm-up batch) may carry no token of type 1."""
     served, _ = minilm
-    input_ids = np.full((2, 8), 2000, dtype=np.int32)
-    token_type_ids = np.zeros((2, 8), dtype=np.int8)
-    token_type_ids[1, 4:] = 1
-    scores = served.scorer.score(input_ids, np.ones((2, 8), dtype=np.int8), token_type_ids)
+    token_types = np.zeros(16, dtype=np.int32)
+    token_types[12:] = 1
+    batch = TokenBatch(
+        np.array([8, 8], dtype=np.int32),
+        {"input_ids": np.full(16, 2000, dtype=np.int32), "token_type_ids": token_types},
+        {},
+    )
+    scores = served.scorer.score(batch)
     assert scores[0] == 0.0
     assert scores[1] == pytest.approx(1.0, abs=TOLERANCE)  # the same tokens on both sides
 
 
-def test_bi_encoder_truncate_false(minilm: tuple[Served, SentenceTransformer]) -> None:
-    served, model = minilm
-    with pytest.raises(PairTooLongError) as raised:
-        served.encoder.encode(
-            SHORT_QUERY, [DOCUMENTS[0], LONG_DOCUMENT], max_length=256, truncate=False, first_index=3
-        )
-    assert raised.value.index == 4
-    assert raised.value.tokens == len(model.tokenizer(LONG_DOCUMENT)["input_ids"])
-    with pytest.raises(PairTooLongError) as raised:
-        served.encoder.encode(LONG_DOCUMENT, [DOCUMENTS[0]], max_length=256, truncate=False, first_index=3)
-    assert raised.value.index == 3
+def test_bi_encoder_truncation_none(minilm: tuple[Served, SentenceTransformer]) -> None:
+    served, _ = minilm
+    with pytest.raises(PairTooLongError, match="document 4 needs"):
+        served.encode(SHORT_QUERY, [DOCUMENTS[0], LONG_DOCUMENT], 256, Truncation.NONE, first=3)
+    with pytest.raises(PairTooLongError, match="the query needs"):
+        served.encode(LONG_DOCUMENT, [DOCUMENTS[0]], 256, Truncation.NONE, first=3)
 
 
 def test_bi_encoder_normalize_maps_cosine_onto_0_1(minilm: tuple[Served, SentenceTransformer]) -> None:
-    encoder = minilm[0].encoder
-    assert [encoder.normalize(x) for x in (-1.0, 0.0, 1.0)] == [0.0, 0.5, 1.0]
-    assert encoder.normalize(1.0000002) == 1.0
-    assert encoder.normalize(-1.0000002) == 0.0
+    normalize = minilm[0].builder.normalize
+    raw = np.array([-1.0, 0.0, 1.0, 1.0000002, -1.0000002], dtype=np.float32)
+    assert normalize(raw).tolist() == [0.0, 0.5, 1.0, 1.0, 0.0]
 
 
 # --- describe_model -------------------------------------------------------------------------------
@@ -352,16 +378,12 @@ def test_min_max_length_is_the_least_that_leaves_the_document_a_token(
 ) -> None:
     served, reference = cross[layout]
     least = served.spec.min_max_length
-    (row,) = served.encoder.encode(LONG_QUERY, [LONG_DOCUMENT], max_length=least, truncate=True)
-    assert row.input_ids == reference.row(LONG_QUERY, LONG_DOCUMENT, least).input_ids
+    (row,) = served.encode(LONG_QUERY, [LONG_DOCUMENT], least)
+    assert ids(row) == reference.row(LONG_QUERY, LONG_DOCUMENT, least).input_ids
     specials = len(reference.row("", "", least).input_ids)
     assert least - specials - least * 3 // 4 >= 1  # the document keeps a token
     below = least - 1
     assert below - specials - below * 3 // 4 < 1  # one less and it would not
-    with pytest.raises(ValueError, match="max_length"):
-        served.encoder.encode(SHORT_QUERY, [DOCUMENTS[0]], max_length=below, truncate=True)
-    with pytest.raises(ValueError, match="max_length"):
-        served.encoder.encode(SHORT_QUERY, [DOCUMENTS[0]], max_length=513, truncate=True)
 
 
 def test_describe_default_model_uses_the_packaged_weights(
@@ -422,8 +444,8 @@ def test_describe_bare_and_sentence_transformers_encoders(
     ("files", "config", "message"),
     [
         ({}, {"id2label": {"0": "NO", "1": "YES"}, "label2id": {"NO": 0, "YES": 1}}, "2 labels"),
-        ({}, {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "not supported yet"),
-        ({}, {"architectures": ["GPT2Model"], "model_type": "gpt2"}, "not supported yet"),
+        ({}, {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "not a supported reranker"),
+        ({}, {"architectures": ["GPT2Model"], "model_type": "gpt2"}, "not a supported reranker"),
         (
             {
                 "modules.json": [{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}],
@@ -467,7 +489,7 @@ def test_hub_ids_load_through_the_hub_cache(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A hub id is not a path: describe_model, load_encoder and load_scorer find it in the hub cache."""
+    """A hub id is not a path: describe_model, the row builder and the scorer find it in the hub cache."""
     from huggingface_hub import constants
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -480,12 +502,10 @@ def test_hub_ids_load_through_the_hub_cache(
     spec = describe_model("tiny/bert-reranker")
     local = cross["bert"][0]
     assert spec == replace(local.spec, source="tiny/bert-reranker")
-    rows = load_encoder(spec).encode(SHORT_QUERY, DOCUMENTS, max_length=64, truncate=True)
-    assert rows == local.encoder.encode(SHORT_QUERY, DOCUMENTS, max_length=64, truncate=True)
-    pad = local.encoder.pad_token_id
-    np.testing.assert_array_equal(
-        score_rows(load_scorer(spec, "cpu", "float32"), rows, pad), score_rows(local.scorer, rows, pad)
-    )
+    rows = load_row_builder(spec).rows(SHORT_QUERY, DOCUMENTS, RowOptions(64), 0)
+    assert [ids(row) for row in rows] == [ids(row) for row in local.encode(SHORT_QUERY, DOCUMENTS, 64)]
+    batch = pack_rows(rows, spec)
+    np.testing.assert_array_equal(load_scorer(spec, "cpu", "float32").score(batch), local.scorer.score(batch))
     with pytest.raises(FileNotFoundError):  # offline and never cached
         describe_model("tiny/not-cached")
 
@@ -493,9 +513,10 @@ def test_hub_ids_load_through_the_hub_cache(
 def test_front_end_half_does_not_import_torch(bert_cross_encoder_dir: Path) -> None:
     code = (
         "import sys\n"
-        "from rerank_server.models import DEFAULT_MODEL, describe_model, load_encoder\n"
+        "from rerank_server.families import DEFAULT_MODEL, describe_model, load_row_builder\n"
+        "from rerank_server.families.base import RowOptions\n"
         f"for source in (DEFAULT_MODEL, {str(bert_cross_encoder_dir)!r}):\n"
-        "    load_encoder(describe_model(source)).encode('q', ['d'], max_length=64, truncate=True)\n"
+        "    load_row_builder(describe_model(source)).rows('q', ['d'], RowOptions(64), 0)\n"
         "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,11 +7,12 @@ import asyncio
 import numpy as np
 import pytest
 from rerank_server.errors import DeadlineExceededError, NoReplicaError, OverloadedError, ReplicaLostError
+from rerank_server.families.base import ModelSpec, Row, TokenBatch
 from rerank_server.metrics import Metrics
-from rerank_server.models.base import EncodedPair
 from rerank_server.scheduling.batcher import PairQueue
-from rerank_server.scheduling.scheduler import Scheduler, build_batch_arrays
-from rerank_server.transport.shm import BatchArrays
+from rerank_server.scheduling.scheduler import Scheduler
+
+SPEC = ModelSpec("tiny", "cross-encoder", 64, 64, 4, pad_token_id=0, token_columns=("token_type_ids",))
 
 
 class FakePool:
@@ -21,7 +22,7 @@ class FakePool:
         self.slots = slots
         self.free = {r: slots for r in range(replicas)}
         self.ready_count = replicas
-        self.sent: list[tuple[int, int, BatchArrays]] = []  # (replica, batch id, arrays)
+        self.sent: list[tuple[int, int, TokenBatch]] = []  # (replica, batch id, batch)
 
     @property
     def idle_count(self) -> int:
@@ -31,17 +32,17 @@ class FakePool:
         idle = [r for r, n in self.free.items() if n > 0]
         return idle[0] if idle and self.ready_count else None
 
-    def dispatch(self, replica: object, batch_id: int, arrays: BatchArrays) -> None:
+    def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
         assert isinstance(replica, int)
         self.free[replica] -= 1
-        self.sent.append((replica, batch_id, arrays))
+        self.sent.append((replica, batch_id, batch))
 
-    def finish(self, scheduler: Scheduler, position: int = 0) -> BatchArrays:
+    def finish(self, scheduler: Scheduler, position: int = 0) -> TokenBatch:
         """Score one sent batch: score = the row's first token id."""
-        replica, batch_id, arrays = self.sent.pop(position)
+        replica, batch_id, batch = self.sent.pop(position)
         self.free[replica] += 1
-        scheduler.on_batch_done(batch_id, arrays.input_ids[:, 0].astype(np.float32), 0.001)
-        return arrays
+        scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), 0.001)
+        return batch
 
     def lose(self, scheduler: Scheduler, position: int = 0) -> None:
         replica, batch_id, _ = self.sent.pop(position)
@@ -49,18 +50,33 @@ class FakePool:
         scheduler.on_batch_lost(batch_id, "killed")
 
 
-def encoded(first_ids: list[int], length: int = 4) -> list[EncodedPair]:
-    return [EncodedPair([i] + [1] * (length - 1), [0] * length, False) for i in first_ids]
+def first_tokens(batch: TokenBatch) -> np.ndarray:
+    starts = np.cumsum(batch.lengths) - batch.lengths
+    return batch.tokens["input_ids"][starts]
+
+
+def encoded(first_ids: list[int], length: int = 4, first_index: int = 0) -> list[Row]:
+    """Rows of documents first_index, first_index + 1, ...; each row's first token is its score."""
+    return [
+        Row(
+            first_index + position,
+            {
+                "input_ids": np.array([i] + [1] * (length - 1), dtype=np.int32),
+                "token_type_ids": np.zeros(length, dtype=np.int32),
+            },
+        )
+        for position, i in enumerate(first_ids)
+    ]
 
 
 def make(pool: FakePool, *, max_pairs: int = 1000, size: int = 4) -> tuple[Scheduler, Metrics]:
     metrics = Metrics()
     queue = PairQueue(max_batch_tokens=1000, max_batch_size=size, max_pairs=max_pairs, max_wait=0.0)
-    return Scheduler(queue, pool, pad_token_id=0, metrics=metrics), metrics
+    return Scheduler(SPEC, queue, pool, metrics.for_model("m")), metrics
 
 
 def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
-    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+    return metrics.registry.get_sample_value(name, {"model": "m", **(labels or {})}) or 0.0
 
 
 async def test_scores_reach_their_request_across_replicas() -> None:
@@ -68,7 +84,7 @@ async def test_scores_reach_their_request_across_replicas() -> None:
     scheduler, metrics = make(pool)
     got: dict[int, float] = {}
     ticket = scheduler.open(lambda idx, sc: got.update(zip(idx, sc, strict=True)), timeout=None)
-    scheduler.submit(ticket, encoded([10, 11, 12, 13, 14, 15]), first_index=100)
+    scheduler.submit(ticket, encoded([10, 11, 12, 13, 14, 15], first_index=100))
     assert len(pool.sent) == 2  # one batch on each replica
     assert {r for r, _, _ in pool.sent} == {0, 1}
     while pool.sent:
@@ -83,7 +99,7 @@ async def test_a_lost_batch_runs_again_once_then_fails_retriably() -> None:
     scheduler, metrics = make(pool)
     got: dict[int, float] = {}
     ticket = scheduler.open(lambda idx, sc: got.update(zip(idx, sc, strict=True)), timeout=None)
-    scheduler.submit(ticket, encoded([5, 6]), first_index=0)
+    scheduler.submit(ticket, encoded([5, 6], first_index=0))
     pool.lose(scheduler)
     assert len(pool.sent) == 1  # retried at once
     pool.finish(scheduler)
@@ -91,7 +107,7 @@ async def test_a_lost_batch_runs_again_once_then_fails_retriably() -> None:
     assert got == {0: 5.0, 1: 6.0}
 
     twice = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(twice, encoded([7]), first_index=0)
+    scheduler.submit(twice, encoded([7], first_index=0))
     pool.lose(scheduler)
     pool.lose(scheduler)
     with pytest.raises(ReplicaLostError):
@@ -103,7 +119,7 @@ async def test_no_live_replica_means_unavailable() -> None:
     pool = FakePool(replicas=1, slots=1)
     scheduler, _ = make(pool, size=1)
     ticket = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(ticket, encoded([1, 2, 3]), first_index=0)  # one in flight, two queued
+    scheduler.submit(ticket, encoded([1, 2, 3], first_index=0))  # one in flight, two queued
     pool.ready_count = 0
     pool.lose(scheduler)
     scheduler.on_replicas_changed(0)
@@ -111,14 +127,14 @@ async def test_no_live_replica_means_unavailable() -> None:
         await ticket.wait_until_pending_at_most(0)
     late = scheduler.open(lambda idx, sc: None, timeout=None)
     with pytest.raises(NoReplicaError):
-        scheduler.submit(late, encoded([1]), first_index=0)
+        scheduler.submit(late, encoded([1], first_index=0))
 
 
 async def test_closing_a_request_keeps_its_queued_pairs_from_the_model() -> None:
     pool = FakePool(replicas=1, slots=1)
     scheduler, metrics = make(pool, size=2)
     ticket = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(ticket, encoded(list(range(10))), first_index=0)
+    scheduler.submit(ticket, encoded(list(range(10))))
     assert len(pool.sent) == 1
     scheduler.close(ticket)
     pool.finish(scheduler)
@@ -131,45 +147,60 @@ async def test_an_expired_deadline_fails_the_request_and_drops_its_pairs() -> No
     pool = FakePool(replicas=1, slots=1)
     scheduler, metrics = make(pool, size=1)
     blocker = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(blocker, encoded([1, 2]), first_index=0)
+    scheduler.submit(blocker, encoded([1, 2], first_index=0))
     hurried = scheduler.open(lambda idx, sc: None, timeout=0.01)
-    scheduler.submit(hurried, encoded([3, 4, 5]), first_index=0)
+    scheduler.submit(hurried, encoded([3, 4, 5], first_index=0))
     await asyncio.sleep(0.02)
     pool.finish(scheduler)
     with pytest.raises(DeadlineExceededError):
         await hurried.wait_until_pending_at_most(0)
     assert sample(metrics, "rerank_pairs_dropped_total", {"reason": "deadline"}) == 3
-    assert all(arrays.input_ids[0, 0] in (1, 2) for _, _, arrays in pool.sent)
+    assert all(first_tokens(batch)[0] in (1, 2) for _, _, batch in pool.sent)
 
 
 async def test_a_full_queue_fails_fast() -> None:
     pool = FakePool(replicas=1, slots=0)
     scheduler, _ = make(pool, max_pairs=5)
     ticket = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(ticket, encoded([1, 2, 3]), first_index=0)
+    scheduler.submit(ticket, encoded([1, 2, 3], first_index=0))
     other = scheduler.open(lambda idx, sc: None, timeout=None)
     with pytest.raises(OverloadedError):
-        scheduler.submit(other, encoded([1, 2, 3]), first_index=0)
+        scheduler.submit(other, encoded([1, 2, 3], first_index=0))
 
 
-def test_batch_arrays_are_right_padded_with_a_mask() -> None:
-    from rerank_server.scheduling.batcher import QueuedPair
+async def test_a_chunked_documents_rows_report_their_document() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, _ = make(pool)
+    got: list[tuple[int, float]] = []
+    ticket = scheduler.open(lambda idx, sc: got.extend(zip(idx, sc, strict=True)), timeout=None)
+    rows = [*encoded([3, 4], first_index=7), *encoded([5], first_index=7)]  # document 7 has two windows
+    scheduler.submit(ticket, rows)
+    assert ticket.pending == 3
+    pool.finish(scheduler)
+    assert sorted(got) == [(7, 3.0), (7, 5.0), (8, 4.0)]
+    assert ticket.pending == 0
 
-    owner = object()
-    rows = [QueuedPair(owner, 0, [5, 6, 7], [0, 0, 1], 0.0), QueuedPair(owner, 1, [8], [0], 0.0)]  # type: ignore[arg-type]
-    arrays = build_batch_arrays(rows, pad_token_id=99)
-    np.testing.assert_array_equal(arrays.input_ids, [[5, 6, 7], [8, 99, 99]])
-    np.testing.assert_array_equal(arrays.attention_mask, [[1, 1, 1], [1, 0, 0]])
-    np.testing.assert_array_equal(arrays.token_type_ids, [[0, 0, 1], [0, 0, 0]])
+
+async def test_batches_are_packed_rows_with_their_lengths() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, _ = make(pool)
+    ticket = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(ticket, [*encoded([5], length=3), *encoded([8], length=1, first_index=1)])
+    (_, _, batch) = pool.sent[0]
+    np.testing.assert_array_equal(batch.lengths, [3, 1])
+    np.testing.assert_array_equal(batch.tokens["input_ids"], [5, 1, 1, 8])
+    np.testing.assert_array_equal(batch.padded("input_ids", 99), [[5, 1, 1], [8, 99, 99]])
+    np.testing.assert_array_equal(batch.mask(), [[True, True, True], [True, False, False]])
+    assert set(batch.tokens) == {"input_ids", "token_type_ids"}
 
 
 async def test_stopping_fails_queued_and_in_flight_requests() -> None:
     pool = FakePool(replicas=1, slots=1)
     scheduler, _ = make(pool, size=1)
     running = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(running, encoded([1]), first_index=0)
+    scheduler.submit(running, encoded([1], first_index=0))
     waiting = scheduler.open(lambda idx, sc: None, timeout=None)
-    scheduler.submit(waiting, encoded([2]), first_index=0)
+    scheduler.submit(waiting, encoded([2], first_index=0))
     scheduler.fail_all(NoReplicaError("stopping"))
     for ticket in (running, waiting):
         with pytest.raises(NoReplicaError, match="stopping"):

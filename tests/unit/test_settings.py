@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from rerank_server.settings import DEFAULT_MODEL, ServerSettings
+from rerank_server.settings import DEFAULT_MODEL, ModelChoice, ServerSettings
 
 SERVER_SCRIPT = Path(sys.executable).with_name("rerank-server")
 
@@ -23,8 +23,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_serve_the_embedded_model() -> None:
     settings = ServerSettings.from_args([])
-    assert settings.model == DEFAULT_MODEL
-    assert settings.served_name == DEFAULT_MODEL
+    assert settings.models() == [ModelChoice(DEFAULT_MODEL, DEFAULT_MODEL, "auto")]
     assert (settings.port, settings.devices, settings.dtype) == (50051, "auto", "auto")
 
 
@@ -34,19 +33,46 @@ def test_environment_is_read_with_the_rerank_prefix(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RERANK_MAX_BATCH_TOKENS", "8192")
     settings = ServerSettings.from_args([])
     assert (settings.model, settings.port, settings.max_batch_tokens) == (
-        "BAAI/bge-reranker-v2-m3",
+        ["BAAI/bge-reranker-v2-m3"],
         6000,
         8192,
     )
 
 
+def test_several_models_from_the_environment_and_from_repeated_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_MODEL", "m3=BAAI/bge-reranker-v2-m3, qwen=Qwen/Qwen3-Reranker-0.6B")
+    assert ServerSettings.from_args([]).models() == [
+        ModelChoice("m3", "BAAI/bge-reranker-v2-m3", "auto"),
+        ModelChoice("qwen", "Qwen/Qwen3-Reranker-0.6B", "auto"),
+    ]
+    flags = ["--model", "a=/models/a", "--model", "/models/b", "--family", "cross-encoder,qwen3-reranker"]
+    assert ServerSettings.from_args(flags).models() == [
+        ModelChoice("a", "/models/a", "cross-encoder"),
+        ModelChoice("/models/b", "/models/b", "qwen3-reranker"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "a=x", "--model", "a=y"], "names repeat"),
+        (["--model", "=x"], r"expected \[NAME=\]SOURCE"),
+        (["--model", "x", "--family", "auto,auto"], "2 families for 1 models"),
+    ],
+)
+def test_model_settings_that_cannot_be_met_are_refused(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerSettings.from_args(flags).models()
+
+
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RERANK_PORT", "6000")
     monkeypatch.setenv("RERANK_CPU_REPLICAS", "4")
-    settings = ServerSettings.from_args(["--port", "7000", "--model-name", "m3"])
+    monkeypatch.setenv("RERANK_MODEL", "from-env")
+    settings = ServerSettings.from_args(["--port", "7000", "--model", "m3=BAAI/bge-reranker-v2-m3"])
     assert settings.port == 7000
     assert settings.cpu_replicas == 4
-    assert settings.served_name == "m3"
+    assert [choice.name for choice in settings.models()] == ["m3"]
 
 
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +91,7 @@ def test_help_lists_every_setting_with_its_default() -> None:
     text = " ".join(shown.stdout.split())
     for name, field in ServerSettings.model_fields.items():
         assert "--" + name.replace("_", "-") in text
-        assert f"(default: {field.default})" in text
+        assert f"(default: {field.default})".replace(" ", "") in text.replace(" ", "")
 
 
 def test_a_bad_model_exits_with_a_clear_message(tmp_path: Path) -> None:

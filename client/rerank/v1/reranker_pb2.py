@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rerank/v1/reranker.proto\x12\trerank.v1\"\xbc\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nraw_scores\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12)\n\ntruncation\x18\x08 \x01(\x0e\x32\x15.rerank.v1.Truncation\"R\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"=\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x11\n\ttruncated\x18\x03 \x01(\x04\"X\n\x07Timings\x12\x13\n\x0btokenize_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x91\x01\n\x0eRerankResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.rerank.v1.Timings\"\"\n\rDocumentChunk\x12\x11\n\tdocuments\x18\x01 \x03(\t\"x\n\x13StreamRerankRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.rerank.v1.RerankRequestH\x00\x12-\n\tdocuments\x18\x02 \x01(\x0b\x32\x18.rerank.v1.DocumentChunkH\x00\x42\x06\n\x04kind\"9\n\x0bScoredChunk\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\"t\n\x14StreamRerankResponse\x12(\n\x06scored\x18\x01 \x01(\x0b\x32\x16.rerank.v1.ScoredChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"\xb0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x18\n\x10max_length_limit\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\x12\x16\n\x0eready_replicas\x18\x08 \x01(\r\x12\r\n\x05ready\x18\t \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x32\xe9\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cStreamRerank\x12\x1e.rerank.v1.StreamRerankRequest\x1a\x1f.rerank.v1.StreamRerankResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rerank/v1/reranker.proto\x12\trerank.v1\"\xe7\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nraw_scores\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12)\n\ntruncation\x18\x08 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x13\n\x0binstruction\x18\t \x01(\t\x12\x14\n\x0c\x63utoff_layer\x18\n \x01(\r\"R\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"_\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x11\n\ttruncated\x18\x03 \x01(\x04\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x04\x12\x0f\n\x07windows\x18\x05 \x01(\x04\"X\n\x07Timings\x12\x13\n\x0btokenize_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x91\x01\n\x0eRerankResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.rerank.v1.Timings\"\"\n\rDocumentChunk\x12\x11\n\tdocuments\x18\x01 \x03(\t\"x\n\x13StreamRerankRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.rerank.v1.RerankRequestH\x00\x12-\n\tdocuments\x18\x02 \x01(\x0b\x32\x18.rerank.v1.DocumentChunkH\x00\x42\x06\n\x04kind\"9\n\x0bScoredChunk\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\"t\n\x14StreamRerankResponse\x12(\n\x06scored\x18\x01 \x01(\x0b\x32\x16.rerank.v1.ScoredChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"\x9c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x18\n\x10max_length_limit\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\x12\x16\n\x0eready_replicas\x18\x08 \x01(\r\x12\r\n\x05ready\x18\t \x01(\x08\x12\x19\n\x11takes_instruction\x18\n \x01(\x08\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x0b \x01(\t\x12\x18\n\x10min_cutoff_layer\x18\x0c \x01(\r\x12\x18\n\x10max_cutoff_layer\x18\r \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo*g\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x12\x14\n\x10TRUNCATION_CHUNK\x10\x03\x32\xe9\x01\n\x08Reranker\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cStreamRerank\x12\x1e.rerank.v1.StreamRerankRequest\x1a\x1f.rerank.v1.StreamRerankResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=1210
-  _globals['_TRUNCATION']._serialized_end=1291
+  _globals['_TRUNCATION']._serialized_start=1395
+  _globals['_TRUNCATION']._serialized_end=1498
   _globals['_RERANKREQUEST']._serialized_start=40
-  _globals['_RERANKREQUEST']._serialized_end=228
-  _globals['_RANKEDDOCUMENT']._serialized_start=230
-  _globals['_RANKEDDOCUMENT']._serialized_end=312
-  _globals['_USAGE']._serialized_start=314
-  _globals['_USAGE']._serialized_end=375
-  _globals['_TIMINGS']._serialized_start=377
-  _globals['_TIMINGS']._serialized_end=465
-  _globals['_RERANKRESPONSE']._serialized_start=468
-  _globals['_RERANKRESPONSE']._serialized_end=613
-  _globals['_DOCUMENTCHUNK']._serialized_start=615
-  _globals['_DOCUMENTCHUNK']._serialized_end=649
-  _globals['_STREAMRERANKREQUEST']._serialized_start=651
-  _globals['_STREAMRERANKREQUEST']._serialized_end=771
-  _globals['_SCOREDCHUNK']._serialized_start=773
-  _globals['_SCOREDCHUNK']._serialized_end=830
-  _globals['_STREAMRERANKRESPONSE']._serialized_start=832
-  _globals['_STREAMRERANKRESPONSE']._serialized_end=948
-  _globals['_LISTMODELSREQUEST']._serialized_start=950
-  _globals['_LISTMODELSREQUEST']._serialized_end=969
-  _globals['_MODELINFO']._serialized_start=972
-  _globals['_MODELINFO']._serialized_end=1148
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1150
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1208
-  _globals['_RERANKER']._serialized_start=1294
-  _globals['_RERANKER']._serialized_end=1527
+  _globals['_RERANKREQUEST']._serialized_end=271
+  _globals['_RANKEDDOCUMENT']._serialized_start=273
+  _globals['_RANKEDDOCUMENT']._serialized_end=355
+  _globals['_USAGE']._serialized_start=357
+  _globals['_USAGE']._serialized_end=452
+  _globals['_TIMINGS']._serialized_start=454
+  _globals['_TIMINGS']._serialized_end=542
+  _globals['_RERANKRESPONSE']._serialized_start=545
+  _globals['_RERANKRESPONSE']._serialized_end=690
+  _globals['_DOCUMENTCHUNK']._serialized_start=692
+  _globals['_DOCUMENTCHUNK']._serialized_end=726
+  _globals['_STREAMRERANKREQUEST']._serialized_start=728
+  _globals['_STREAMRERANKREQUEST']._serialized_end=848
+  _globals['_SCOREDCHUNK']._serialized_start=850
+  _globals['_SCOREDCHUNK']._serialized_end=907
+  _globals['_STREAMRERANKRESPONSE']._serialized_start=909
+  _globals['_STREAMRERANKRESPONSE']._serialized_end=1025
+  _globals['_LISTMODELSREQUEST']._serialized_start=1027
+  _globals['_LISTMODELSREQUEST']._serialized_end=1046
+  _globals['_MODELINFO']._serialized_start=1049
+  _globals['_MODELINFO']._serialized_end=1333
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1335
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1393
+  _globals['_RERANKER']._serialized_start=1501
+  _globals['_RERANKER']._serialized_end=1734
 # @@protoc_insertion_point(module_scope)

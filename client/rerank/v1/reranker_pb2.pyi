@@ -33,6 +33,10 @@ class _TruncationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Truncation
     """Same as TRUNCATION_UNSPECIFIED, named explicitly."""
     TRUNCATION_NONE: _Truncation.ValueType  # 2
     """Reject the request with INVALID_ARGUMENT when a pair does not fit."""
+    TRUNCATION_CHUNK: _Truncation.ValueType  # 3
+    """Split a document that does not fit into overlapping token windows, score
+    each window with the query, and give the document its best window's score.
+    """
 
 class Truncation(_Truncation, metaclass=_TruncationEnumTypeWrapper):
     """How a (query, document) pair that is longer than max_length is handled."""
@@ -45,6 +49,10 @@ TRUNCATION_END: Truncation.ValueType  # 1
 """Same as TRUNCATION_UNSPECIFIED, named explicitly."""
 TRUNCATION_NONE: Truncation.ValueType  # 2
 """Reject the request with INVALID_ARGUMENT when a pair does not fit."""
+TRUNCATION_CHUNK: Truncation.ValueType  # 3
+"""Split a document that does not fit into overlapping token windows, score
+each window with the query, and give the document its best window's score.
+"""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
 @_typing.final
@@ -59,6 +67,8 @@ class RerankRequest(_message.Message):
     RAW_SCORES_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_FIELD_NUMBER: _builtins.int
+    CUTOFF_LAYER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty means the server's default model."""
     query: _builtins.str
@@ -71,6 +81,14 @@ class RerankRequest(_message.Message):
     max_length: _builtins.int
     """Token budget of one pair; 0 means the server's default."""
     truncation: Global___Truncation.ValueType
+    instruction: _builtins.str
+    """Task instruction, for models that take one (ModelInfo.takes_instruction);
+    empty means the model's default instruction.
+    """
+    cutoff_layer: _builtins.int
+    """Layerwise models only: the layer whose score is returned; 0 means the
+    model's default (its last layer). See ModelInfo's cutoff layer range.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -84,10 +102,12 @@ class RerankRequest(_message.Message):
         raw_scores: _builtins.bool = ...,
         max_length: _builtins.int = ...,
         truncation: Global___Truncation.ValueType = ...,
+        instruction: _builtins.str = ...,
+        cutoff_layer: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "max_length", b"max_length", "model", b"model", "query", b"query", "raw_scores", b"raw_scores", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_layer", b"cutoff_layer", "documents", b"documents", "instruction", b"instruction", "max_length", b"max_length", "model", b"model", "query", b"query", "raw_scores", b"raw_scores", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -129,21 +149,29 @@ class Usage(_message.Message):
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    CHUNKED_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
     documents: _builtins.int
     tokens: _builtins.int
     """Tokens fed to the model, special tokens included."""
     truncated: _builtins.int
     """Documents cut to fit max_length."""
+    chunked: _builtins.int
+    """Documents split into windows (TRUNCATION_CHUNK)."""
+    windows: _builtins.int
+    """Rows the model scored: one per document, one per window of a chunked one."""
     def __init__(
         self,
         *,
         documents: _builtins.int = ...,
         tokens: _builtins.int = ...,
         truncated: _builtins.int = ...,
+        chunked: _builtins.int = ...,
+        windows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "tokens", b"tokens", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked", b"chunked", "documents", b"documents", "tokens", b"tokens", "truncated", b"truncated", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,9 +369,13 @@ class ModelInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    TAKES_INSTRUCTION_FIELD_NUMBER: _builtins.int
+    DEFAULT_INSTRUCTION_FIELD_NUMBER: _builtins.int
+    MIN_CUTOFF_LAYER_FIELD_NUMBER: _builtins.int
+    MAX_CUTOFF_LAYER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
-    """"cross-encoder" or "bi-encoder"."""
+    """The model family, e.g. "cross-encoder", "qwen3-reranker", "minicpm-layerwise"."""
     max_length: _builtins.int
     """Default max_length of a pair."""
     max_length_limit: _builtins.int
@@ -353,6 +385,16 @@ class ModelInfo(_message.Message):
     ready_replicas: _builtins.int
     """Replicas loaded, warmed up and serving."""
     ready: _builtins.bool
+    takes_instruction: _builtins.bool
+    """Whether RerankRequest.instruction is accepted, and the instruction used
+    when it is empty.
+    """
+    default_instruction: _builtins.str
+    min_cutoff_layer: _builtins.int
+    """Layerwise models: the range RerankRequest.cutoff_layer may take (both 0
+    for other models); the default is max_cutoff_layer.
+    """
+    max_cutoff_layer: _builtins.int
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -367,10 +409,14 @@ class ModelInfo(_message.Message):
         replicas: _builtins.int = ...,
         ready_replicas: _builtins.int = ...,
         ready: _builtins.bool = ...,
+        takes_instruction: _builtins.bool = ...,
+        default_instruction: _builtins.str = ...,
+        min_cutoff_layer: _builtins.int = ...,
+        max_cutoff_layer: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "dtype", b"dtype", "family", b"family", "max_length", b"max_length", "max_length_limit", b"max_length_limit", "name", b"name", "ready", b"ready", "ready_replicas", b"ready_replicas", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_instruction", b"default_instruction", "devices", b"devices", "dtype", b"dtype", "family", b"family", "max_cutoff_layer", b"max_cutoff_layer", "max_length", b"max_length", "max_length_limit", b"max_length_limit", "min_cutoff_layer", b"min_cutoff_layer", "name", b"name", "ready", b"ready", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "takes_instruction", b"takes_instruction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

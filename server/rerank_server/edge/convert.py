@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from rerank.v1 import reranker_pb2 as pb
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult
 
 from rerank_server.errors import InvalidRequestError
-from rerank_server.types import RerankQuery
+from rerank_server.types import ModelInfo, RankedDocument, RerankQuery, RerankResult, Truncation
 
-_TRUNCATE = {pb.TRUNCATION_UNSPECIFIED: True, pb.TRUNCATION_END: True, pb.TRUNCATION_NONE: False}
+_TRUNCATION = {
+    pb.TRUNCATION_UNSPECIFIED: Truncation.END,
+    pb.TRUNCATION_END: Truncation.END,
+    pb.TRUNCATION_NONE: Truncation.NONE,
+    pb.TRUNCATION_CHUNK: Truncation.CHUNK,
+}
 
 
 def rerank_query(request: pb.RerankRequest) -> RerankQuery:
-    truncate = _TRUNCATE.get(request.truncation)
-    if truncate is None:
+    truncation = _TRUNCATION.get(request.truncation)
+    if truncation is None:
         raise InvalidRequestError(f"unknown truncation value {request.truncation}")
     return RerankQuery(
         query=request.query,
@@ -23,7 +27,9 @@ def rerank_query(request: pb.RerankRequest) -> RerankQuery:
         return_documents=request.return_documents,
         raw_scores=request.raw_scores,
         max_length=request.max_length,
-        truncate=truncate,
+        truncation=truncation,
+        instruction=request.instruction,
+        cutoff_layer=request.cutoff_layer,
     )
 
 
@@ -36,7 +42,13 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
     return pb.RerankResponse(
         results=ranked_documents(result.results),
         model=result.model,
-        usage=pb.Usage(documents=usage.documents, tokens=usage.tokens, truncated=usage.truncated),
+        usage=pb.Usage(
+            documents=usage.documents,
+            tokens=usage.tokens,
+            truncated=usage.truncated,
+            chunked=usage.chunked,
+            windows=usage.windows,
+        ),
         timings=pb.Timings(
             tokenize_ms=timings.tokenize_ms,
             queue_ms=timings.queue_ms,
@@ -65,6 +77,10 @@ def list_models_response(models: list[ModelInfo]) -> pb.ListModelsResponse:
                 replicas=m.replicas,
                 ready_replicas=m.ready_replicas,
                 ready=m.ready,
+                takes_instruction=m.takes_instruction,
+                default_instruction=m.default_instruction,
+                min_cutoff_layer=m.min_cutoff_layer,
+                max_cutoff_layer=m.max_cutoff_layer,
             )
             for m in models
         ]

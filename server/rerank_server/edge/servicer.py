@@ -15,7 +15,7 @@ from rerank_server.edge import convert
 from rerank_server.edge.status import status_of
 from rerank_server.errors import InvalidRequestError
 from rerank_server.metrics import Metrics
-from rerank_server.service import RerankService
+from rerank_server.service.rerank import RerankService
 
 
 class RerankerServicer(pb_grpc.RerankerServicer):

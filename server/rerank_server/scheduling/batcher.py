@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rerank_server.errors import OverloadedError
+from rerank_server.families.base import Row
 
 
 class PairOwner(Protocol):
@@ -29,36 +30,27 @@ class PairOwner(Protocol):
     def closed(self) -> bool: ...
 
 
-class QueuedPair:
-    """One tokenized pair waiting for a replica."""
+class QueuedRow:
+    """One token row waiting for a replica."""
 
-    __slots__ = ("attempts", "enqueued_at", "index", "input_ids", "owner", "token_type_ids")
+    __slots__ = ("attempts", "enqueued_at", "owner", "row")
 
-    def __init__(
-        self,
-        owner: PairOwner,
-        index: int,
-        input_ids: list[int],
-        token_type_ids: list[int],
-        enqueued_at: float,
-    ) -> None:
+    def __init__(self, owner: PairOwner, row: Row, enqueued_at: float) -> None:
         self.owner = owner
-        self.index = index
-        self.input_ids = input_ids
-        self.token_type_ids = token_type_ids
+        self.row = row
         self.enqueued_at = enqueued_at
         self.attempts = 0
 
     @property
     def length(self) -> int:
-        return len(self.input_ids)
+        return self.row.length
 
 
 @dataclass
 class BatchPlan:
     """What `next_batch` decided: pairs to run now, and requests whose pairs were dropped."""
 
-    pairs: list[QueuedPair] = field(default_factory=list)
+    pairs: list[QueuedRow] = field(default_factory=list)
     expired: list[PairOwner] = field(default_factory=list)
     dropped_pairs: int = 0
     wait_until: float | None = None  # set when the batch is held for more pairs
@@ -70,7 +62,7 @@ class PairQueue:
         self.max_batch_size = max_batch_size
         self.max_pairs = max_pairs
         self.max_wait = max_wait
-        self._by_owner: OrderedDict[PairOwner, deque[QueuedPair]] = OrderedDict()
+        self._by_owner: OrderedDict[PairOwner, deque[QueuedRow]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
@@ -84,7 +76,7 @@ class PairQueue:
                 f"of {self.max_pairs}; retry later"
             )
 
-    def push(self, owner: PairOwner, pairs: Iterable[QueuedPair], *, admit_over_limit: bool = False) -> None:
+    def push(self, owner: PairOwner, pairs: Iterable[QueuedRow], *, admit_over_limit: bool = False) -> None:
         """Queue a request's pairs, all or none: past the bound it raises OverloadedError at once."""
         ordered = sorted(pairs, key=lambda p: p.length, reverse=True)
         if not ordered:
@@ -98,9 +90,9 @@ class PairQueue:
         self._by_owner[owner] = deque(ordered)
         self._size += added
 
-    def requeue(self, pairs: Iterable[QueuedPair]) -> None:
+    def requeue(self, pairs: Iterable[QueuedRow]) -> None:
         """Put back pairs a lost replica held, ahead of their owners' other pairs."""
-        by_owner: dict[PairOwner, list[QueuedPair]] = {}
+        by_owner: dict[PairOwner, list[QueuedRow]] = {}
         for pair in pairs:
             by_owner.setdefault(pair.owner, []).append(pair)
         for owner, owned in by_owner.items():

@@ -20,28 +20,17 @@ from rerank_server.errors import (
     ReplicaLostError,
     RerankServerError,
 )
-from rerank_server.scheduling.batcher import PairOwner, PairQueue, QueuedPair
-from rerank_server.transport.shm import BatchArrays
+from rerank_server.families.base import ModelSpec, Row, TokenBatch, pack_rows
+from rerank_server.scheduling.batcher import PairOwner, PairQueue, QueuedRow
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from rerank_server.metrics import Metrics
-    from rerank_server.models.base import EncodedPair
+    from rerank_server.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
 ScoreSink = Callable[[list[int], list[float]], None]
-
-
-class TokenRow(Protocol):
-    """One pair's tokens: an EncodedPair, or a QueuedPair holding one."""
-
-    @property
-    def input_ids(self) -> list[int]: ...
-
-    @property
-    def token_type_ids(self) -> list[int]: ...
 
 
 class Replicas(Protocol):
@@ -57,11 +46,11 @@ class Replicas(Protocol):
 
     def idle_replica(self) -> object | None: ...
 
-    def dispatch(self, replica: object, batch_id: int, arrays: BatchArrays) -> None: ...
+    def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None: ...
 
 
 class Ticket:
-    """One request's handle: its pairs in flight, and the scores as they come back."""
+    """One request's handle: its rows in flight, and the scores as they come back (by document)."""
 
     def __init__(self, deadline: float | None, on_scores: ScoreSink, now: float) -> None:
         self.deadline = deadline
@@ -99,14 +88,14 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, queue: PairQueue, replicas: Replicas, pad_token_id: int, metrics: Metrics) -> None:
+    def __init__(self, spec: ModelSpec, queue: PairQueue, replicas: Replicas, metrics: ModelMetrics) -> None:
+        self._spec = spec
         self._queue = queue
         self._replicas = replicas
-        self._pad_token_id = pad_token_id
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         self._batch_ids = count()
-        self._in_flight: dict[int, list[QueuedPair]] = {}
+        self._in_flight: dict[int, list[QueuedRow]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def now(self) -> float:
@@ -116,22 +105,12 @@ class Scheduler:
         now = self.now()
         return Ticket(None if timeout is None else now + timeout, on_scores, now)
 
-    def submit(
-        self,
-        ticket: Ticket,
-        pairs: Sequence[EncodedPair],
-        first_index: int,
-        *,
-        admit_over_limit: bool = False,
-    ) -> None:
-        """Queue a request's pairs; raises OverloadedError or NoReplicaError at once."""
+    def submit(self, ticket: Ticket, rows: Sequence[Row], *, admit_over_limit: bool = False) -> None:
+        """Queue a request's rows; raises OverloadedError or NoReplicaError at once."""
         ticket.raise_if_failed()
         self._require_a_replica()
         now = self.now()
-        queued = [
-            QueuedPair(ticket, first_index + i, p.input_ids, p.token_type_ids, now)
-            for i, p in enumerate(pairs)
-        ]
+        queued = [QueuedRow(ticket, row, now) for row in rows]
         self._queue.push(ticket, queued, admit_over_limit=admit_over_limit)
         ticket.pending += len(queued)
         self._metrics.queued_pairs.set(len(self._queue))
@@ -154,7 +133,7 @@ class Scheduler:
         dropped = self._queue.drop(ticket)
         if dropped:
             expired = ticket.deadline is not None and ticket.deadline <= self.now()
-            self._metrics.pairs_dropped.labels("deadline" if expired else "cancelled").inc(dropped)
+            self._metrics.pairs_dropped("deadline" if expired else "cancelled").inc(dropped)
             self._metrics.queued_pairs.set(len(self._queue))
 
     def pump(self) -> None:
@@ -164,7 +143,7 @@ class Scheduler:
             for owner in plan.expired:
                 _ticket(owner).fail(DeadlineExceededError("deadline passed while queued"))
             if plan.dropped_pairs:
-                self._metrics.pairs_dropped.labels("deadline").inc(plan.dropped_pairs)
+                self._metrics.pairs_dropped("deadline").inc(plan.dropped_pairs)
             if not plan.pairs:
                 if plan.wait_until is not None:
                     self._arm_timer(plan.wait_until)
@@ -183,9 +162,9 @@ class Scheduler:
         self._timer = None
         self.pump()
 
-    def _dispatch(self, replica: object, pairs: list[QueuedPair]) -> None:
+    def _dispatch(self, replica: object, pairs: list[QueuedRow]) -> None:
         batch_id = next(self._batch_ids)
-        arrays = build_batch_arrays(pairs, self._pad_token_id)
+        batch = pack_rows([pair.row for pair in pairs], self._spec)
         now = self.now()
         for pair in pairs:
             ticket = _ticket(pair.owner)
@@ -193,11 +172,10 @@ class Scheduler:
                 ticket.first_dispatch_at = now
                 self._metrics.queue_seconds.observe(now - ticket.opened_at)
         self._in_flight[batch_id] = pairs
-        rows, cols = arrays.input_ids.shape
         self._metrics.batches.inc()
-        self._metrics.batch_pairs.observe(rows)
-        self._metrics.batch_tokens.observe(rows * cols)
-        self._replicas.dispatch(replica, batch_id, arrays)
+        self._metrics.batch_pairs.observe(batch.rows)
+        self._metrics.batch_tokens.observe(batch.rows * batch.width)
+        self._replicas.dispatch(replica, batch_id, batch)
 
     # Called by the worker pool, on the event loop.
 
@@ -211,7 +189,7 @@ class Scheduler:
         by_ticket: dict[Ticket, tuple[list[int], list[float]]] = {}
         for pair, score in zip(pairs, scores.tolist(), strict=True):
             indices, values = by_ticket.setdefault(_ticket(pair.owner), ([], []))
-            indices.append(pair.index)
+            indices.append(pair.row.document)
             values.append(score)
         for ticket, (indices, values) in by_ticket.items():
             if not ticket.closed and ticket.error is None:
@@ -261,17 +239,3 @@ class Scheduler:
 def _ticket(owner: PairOwner) -> Ticket:
     """The queue holds only this scheduler's tickets as owners."""
     return cast(Ticket, owner)
-
-
-def build_batch_arrays(pairs: Sequence[TokenRow], pad_token_id: int) -> BatchArrays:
-    """Right-padded [rows, longest] arrays of a batch's token rows, as a worker receives them."""
-    rows, cols = len(pairs), max(len(p.input_ids) for p in pairs)
-    input_ids = np.full((rows, cols), pad_token_id, dtype=np.int32)
-    attention_mask = np.zeros((rows, cols), dtype=np.int8)
-    token_type_ids = np.zeros((rows, cols), dtype=np.int8)
-    for row, pair in enumerate(pairs):
-        n = len(pair.input_ids)
-        input_ids[row, :n] = pair.input_ids
-        attention_mask[row, :n] = 1
-        token_type_ids[row, :n] = pair.token_type_ids
-    return BatchArrays(input_ids, attention_mask, token_type_ids)

@@ -7,9 +7,9 @@ front-end leaves nothing in /dev/shm). A worker maps a segment by name
 the front-end still uses. Only a small `BatchDescriptor` crosses the control
 pipe; arrays never do.
 
-Layout of one segment, for `max_tokens` token slots and `max_rows` rows:
-input_ids int32[max_tokens] | scores float32[max_rows] |
-attention_mask int8[max_tokens] | token_type_ids int8[max_tokens]
+Layout of one segment, for `max_tokens` token slots and `max_rows` rows, laid out from the model
+spec's columns: each token column (input_ids first) as int32[max_tokens], packed row after row;
+lengths int32[max_rows]; each per-row value as int32[max_rows]; scores float32[max_rows].
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from multiprocessing import shared_memory
 import numpy as np
 import numpy.typing as npt
 
+from rerank_server.families.base import ModelSpec, TokenBatch
+
 SEGMENT_PREFIX = "rerank-"
 SHM_DIR = "/dev/shm"
 
@@ -32,26 +34,29 @@ SHM_DIR = "/dev/shm"
 class SegmentLayout:
     max_tokens: int
     max_rows: int
+    token_columns: tuple[str, ...] = ("input_ids",)
+    row_columns: tuple[str, ...] = ()
 
-    @property
-    def ids_offset(self) -> int:
-        return 0
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, max_tokens: int, max_rows: int) -> SegmentLayout:
+        return cls(max_tokens, max_rows, ("input_ids", *spec.token_columns), tuple(spec.row_values))
 
-    @property
-    def scores_offset(self) -> int:
-        return 4 * self.max_tokens
-
-    @property
-    def mask_offset(self) -> int:
-        return self.scores_offset + 4 * self.max_rows
-
-    @property
-    def types_offset(self) -> int:
-        return self.mask_offset + self.max_tokens
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of every array: token columns, then "lengths", row columns, "scores"."""
+        offsets = {}
+        position = 0
+        for name in self.token_columns:
+            offsets[name] = position
+            position += 4 * self.max_tokens
+        for name in ("lengths", *self.row_columns, "scores"):
+            offsets[name] = position
+            position += 4 * self.max_rows
+        offsets["end"] = position
+        return offsets
 
     @property
     def size(self) -> int:
-        return self.types_offset + self.max_tokens
+        return self.offsets()["end"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,7 @@ class BatchDescriptor:
     batch_id: int
     segment: int
     rows: int
-    cols: int
-
-
-@dataclass(frozen=True)
-class BatchArrays:
-    input_ids: npt.NDArray[np.int32]
-    attention_mask: npt.NDArray[np.int8]
-    token_type_ids: npt.NDArray[np.int8]
+    tokens: int  # all rows' tokens together
 
 
 class _SegmentViews:
@@ -76,30 +74,45 @@ class _SegmentViews:
 
     def __init__(self, buffer: memoryview | mmap.mmap, layout: SegmentLayout) -> None:
         self.layout = layout
-        self._ids = np.frombuffer(buffer, np.int32, layout.max_tokens, layout.ids_offset)
-        self._scores = np.frombuffer(buffer, np.float32, layout.max_rows, layout.scores_offset)
-        self._mask = np.frombuffer(buffer, np.int8, layout.max_tokens, layout.mask_offset)
-        self._types = np.frombuffer(buffer, np.int8, layout.max_tokens, layout.types_offset)
+        offsets = layout.offsets()
+        self._tokens = {
+            name: np.frombuffer(buffer, np.int32, layout.max_tokens, offsets[name])
+            for name in layout.token_columns
+        }
+        self._rows = {
+            name: np.frombuffer(buffer, np.int32, layout.max_rows, offsets[name])
+            for name in ("lengths", *layout.row_columns)
+        }
+        self._scores = np.frombuffer(buffer, np.float32, layout.max_rows, offsets["scores"])
 
-    def _check_shape(self, rows: int, cols: int) -> None:
-        if rows > self.layout.max_rows or rows * cols > self.layout.max_tokens:
-            raise ValueError(f"batch {rows}x{cols} does not fit a segment of {self.layout}")
+    def _check_shape(self, rows: int, tokens: int) -> None:
+        if rows > self.layout.max_rows or tokens > self.layout.max_tokens:
+            raise ValueError(f"batch of {rows} rows, {tokens} tokens does not fit a segment of {self.layout}")
 
-    def batch(self, rows: int, cols: int) -> BatchArrays:
-        self._check_shape(rows, cols)
-        n = rows * cols
-        return BatchArrays(
-            self._ids[:n].reshape(rows, cols),
-            self._mask[:n].reshape(rows, cols),
-            self._types[:n].reshape(rows, cols),
+    def write(self, batch: TokenBatch) -> tuple[int, int]:
+        rows, tokens = batch.rows, int(batch.lengths.sum())
+        self._check_shape(rows, tokens)
+        for name, view in self._tokens.items():
+            view[:tokens] = batch.tokens[name]
+        self._rows["lengths"][:rows] = batch.lengths
+        for name in self.layout.row_columns:
+            self._rows[name][:rows] = batch.values[name]
+        return rows, tokens
+
+    def batch(self, rows: int, tokens: int) -> TokenBatch:
+        self._check_shape(rows, tokens)
+        return TokenBatch(
+            lengths=self._rows["lengths"][:rows],
+            tokens={name: view[:tokens] for name, view in self._tokens.items()},
+            values={name: self._rows[name][:rows] for name in self.layout.row_columns},
         )
 
     def scores(self, rows: int) -> npt.NDArray[np.float32]:
-        self._check_shape(rows, 1)
+        self._check_shape(rows, 0)
         return self._scores[:rows]
 
     def release(self) -> None:
-        del self._ids, self._scores, self._mask, self._types
+        del self._tokens, self._rows, self._scores
 
 
 class OwnedSegment:
@@ -115,13 +128,9 @@ class OwnedSegment:
         self.layout = layout
         self._views = _SegmentViews(shm.buf, layout)
 
-    def write_batch(self, batch_id: int, segment_index: int, arrays: BatchArrays) -> BatchDescriptor:
-        rows, cols = arrays.input_ids.shape
-        target = self._views.batch(rows, cols)
-        target.input_ids[...] = arrays.input_ids
-        target.attention_mask[...] = arrays.attention_mask
-        target.token_type_ids[...] = arrays.token_type_ids
-        return BatchDescriptor(batch_id, segment_index, rows, cols)
+    def write_batch(self, batch_id: int, segment_index: int, batch: TokenBatch) -> BatchDescriptor:
+        rows, tokens = self._views.write(batch)
+        return BatchDescriptor(batch_id, segment_index, rows, tokens)
 
     def read_scores(self, rows: int) -> npt.NDArray[np.float32]:
         return self._views.scores(rows).copy()
@@ -147,8 +156,8 @@ class AttachedSegment:
             os.close(fd)
         self._views = _SegmentViews(self._map, layout)
 
-    def read_batch(self, descriptor: BatchDescriptor) -> BatchArrays:
-        return self._views.batch(descriptor.rows, descriptor.cols)
+    def read_batch(self, descriptor: BatchDescriptor) -> TokenBatch:
+        return self._views.batch(descriptor.rows, descriptor.tokens)
 
     def write_scores(self, scores: npt.NDArray[np.float32]) -> None:
         self._views.scores(len(scores))[...] = scores

@@ -54,9 +54,17 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def plan_replicas(
-    devices: str, *, cpu_replicas: int, threads_per_replica: int, dtype: str, gpus: list[str], cpu_count: int
+    devices: str,
+    *,
+    cpu_replicas: int,
+    threads_per_replica: int,
+    dtype: str,
+    gpus: list[str],
+    cpu_count: int,
+    gpu_dtype: str = "float16",
 ) -> list[ReplicaPlan]:
-    """One plan per worker process. Raises ValueError for a devices setting that cannot be met."""
+    """One plan per worker process of one model. dtype "auto" is gpu_dtype (the family's usual one)
+    on a GPU and float32 on the CPU. Raises ValueError for a devices setting that cannot be met."""
     choice = devices.strip().lower()
     if choice == "auto":
         chosen = gpus
@@ -74,8 +82,8 @@ def plan_replicas(
                 f"GPU(s) {', '.join(unknown)} not visible (visible: {', '.join(gpus) or 'none'})"
             )
     if chosen:
-        gpu_dtype = "float16" if dtype == "auto" else dtype
-        return [ReplicaPlan(f"cuda:{gpu}", "cuda:0", gpu, gpu_dtype, 0) for gpu in chosen]
+        chosen_dtype = gpu_dtype if dtype == "auto" else dtype
+        return [ReplicaPlan(f"cuda:{gpu}", "cuda:0", gpu, chosen_dtype, 0) for gpu in chosen]
     cpu_dtype = "float32" if dtype == "auto" else dtype
     threads = threads_per_replica or max(1, cpu_count // cpu_replicas)
     return [ReplicaPlan("cpu", "cpu", "", cpu_dtype, threads) for _ in range(cpu_replicas)]

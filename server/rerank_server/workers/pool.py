@@ -24,8 +24,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from rerank_server.models.base import ModelSpec
-from rerank_server.transport.shm import BatchArrays, OwnedSegment, SegmentLayout
+from rerank_server.families.base import ModelSpec, TokenBatch
+from rerank_server.transport.shm import OwnedSegment, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 from rerank_server.workers.worker import BatchDone, BatchFailed, Ready, StartFailed, WorkerConfig, run_worker
 
@@ -67,6 +67,7 @@ class WorkerPool:
         layout: SegmentLayout,
         *,
         restart_backoff_s: float,
+        label: str = "",
         log_level: str = "INFO",
         on_restart: Callable[[], None] = lambda: None,
     ) -> None:
@@ -80,7 +81,7 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.replicas = [
-            Replica(i, plan, [OwnedSegment(layout, f"w{i}s{s}-") for s in range(SEGMENTS_PER_REPLICA)])
+            Replica(i, plan, [OwnedSegment(layout, f"{label}w{i}s{s}-") for s in range(SEGMENTS_PER_REPLICA)])
             for i, plan in enumerate(plans)
         ]
 
@@ -103,10 +104,10 @@ class WorkerPool:
         candidates = [r for r in self.replicas if r.state == "ready" and r.free_segments]
         return max(candidates, key=lambda r: len(r.free_segments), default=None)
 
-    def dispatch(self, replica: object, batch_id: int, arrays: BatchArrays) -> None:
+    def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
         assert isinstance(replica, Replica)
         segment = replica.free_segments.pop()
-        descriptor = replica.segments[segment].write_batch(batch_id, segment, arrays)
+        descriptor = replica.segments[segment].write_batch(batch_id, segment, batch)
         replica.in_flight[batch_id] = (segment, descriptor.rows)
         try:
             assert replica.conn is not None

@@ -16,14 +16,13 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from rerank_server.models.base import ModelSpec, PairScorer
+from rerank_server.families.base import ModelSpec, Row, Scorer, pack_rows
 from rerank_server.transport.shm import AttachedSegment, BatchDescriptor, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 
 log = logging.getLogger(__name__)
 
-WARMUP_ROWS = 4
-WARMUP_COLS = 16
+WARMUP_LENGTHS = (16, 12, 8, 4)  # rows of different lengths, so padding paths run too
 
 
 @dataclass(frozen=True)
@@ -87,26 +86,31 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             segment.close()
 
 
-def _load(config: WorkerConfig) -> PairScorer:
+def _load(config: WorkerConfig) -> Scorer:
     import torch
 
-    from rerank_server.models import load_scorer
+    from rerank_server.families import load_scorer
 
     if config.plan.threads:
         torch.set_num_threads(config.plan.threads)
-    scorer = load_scorer(config.spec, config.plan.torch_device, config.plan.dtype)
-    ids = np.ones((WARMUP_ROWS, WARMUP_COLS), dtype=np.int32)
-    mask = np.ones_like(ids, dtype=np.int8)
-    types = np.zeros_like(ids, dtype=np.int8)
-    types[:, WARMUP_COLS // 2 :] = 1
-    scorer.score(ids, mask, types)
+    spec = config.spec
+    scorer = load_scorer(spec, config.plan.torch_device, config.plan.dtype)
+    scorer.score(pack_rows([_warmup_row(spec, length) for length in WARMUP_LENGTHS], spec))
     log.info(
         "replica ready on %s (%s, %d threads)", config.plan.device, config.plan.dtype, torch.get_num_threads()
     )
     return scorer
 
 
-def _serve(scorer: PairScorer, segments: list[AttachedSegment], conn: Connection) -> None:
+def _warmup_row(spec: ModelSpec, length: int) -> Row:
+    """A row of ones (half query, half document where the family has token types)."""
+    columns = {"input_ids": np.ones(length, dtype=np.int32)}
+    for name in spec.token_columns:
+        columns[name] = (np.arange(length) >= length // 2).astype(np.int32)
+    return Row(0, columns, dict(spec.row_values))
+
+
+def _serve(scorer: Scorer, segments: list[AttachedSegment], conn: Connection) -> None:
     while True:
         try:
             descriptor: BatchDescriptor | None = conn.recv()
@@ -117,7 +121,7 @@ def _serve(scorer: PairScorer, segments: list[AttachedSegment], conn: Connection
         started = time.perf_counter()
         try:
             batch = segments[descriptor.segment].read_batch(descriptor)
-            scores = scorer.score(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            scores = scorer.score(batch)
             segments[descriptor.segment].write_scores(np.asarray(scores, dtype=np.float32))
         except Exception as exc:
             log.exception("batch %d failed", descriptor.batch_id)

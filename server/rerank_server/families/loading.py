@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Encoding, Tokenizer
 
-from rerank_server.models.base import DEFAULT_MODEL, ModelSpec
+from rerank_server.families.base import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-FAMILIES = ("cross-encoder", "bi-encoder")
+    from collections.abc import Mapping, Sequence
 
 # Families whose position ids start after the padding index (RoBERTa's scheme), so
 # `max_position_embeddings - pad_token_id - 1` positions are usable.
-_PADDING_OFFSET_POSITIONS = frozenset(
+PADDING_OFFSET_TYPES = frozenset(
     {
         "roberta",
         "xlm-roberta",
@@ -37,22 +35,7 @@ _PADDING_OFFSET_POSITIONS = frozenset(
         "mpnet",
     }
 )
-# Bare encoders we accept as bi-encoders without a sentence-transformers config.
-_ENCODER_TYPES = frozenset(
-    {"bert", "distilbert", "albert", "electra", "mpnet", "deberta", "deberta-v2", "modernbert"}
-    | _PADDING_OFFSET_POSITIONS
-)
-# Pooling modes a sentence-transformers Pooling config may name, old and new style.
-_POOLING_FLAGS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
-_DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_LENGTH = 512
 
 
 def resolve_source(source: str) -> str:
@@ -95,7 +78,7 @@ def model_file(source: str, filename: str, *, required: bool = False) -> Path | 
         return None
 
 
-def _read_json(source: str, filename: str, *, required: bool = False) -> Any:
+def read_json(source: str, filename: str, *, required: bool = False) -> Any:
     path = model_file(source, filename, required=required)
     if path is None:
         return None
@@ -105,19 +88,21 @@ def _read_json(source: str, filename: str, *, required: bool = False) -> Any:
 
 def read_config(source: str) -> dict[str, Any]:
     """The model's config.json as a dict."""
-    config = _read_json(source, "config.json", required=True)
+    config = read_json(source, "config.json", required=True)
     if not isinstance(config, dict):
         raise ValueError(f"the config.json of {source!r} is not a JSON object")
     return config
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(source: str) -> tuple[Tokenizer, int]:
-    """The backend tokenizer (padding and truncation off) and the pad token id of a resolved source.
+    """The backend tokenizer for user text, and the pad token id, of a resolved source.
 
-    A checkpoint's tokenizer.json can pad and truncate every encoding on its own (all-MiniLM-L6-v2's
-    does, to 128), so both are switched off here; the encoders cut and the scheduler pads. Cached
-    because describe_model and load_encoder both need it; callers never mutate it.
+    User text that spells a special token (`</s>`, `<|im_end|>`, `[SEP]`) stays text
+    (encode_special_tokens): it must never become a control token inside a template. A checkpoint's
+    tokenizer.json can pad and truncate every encoding on its own (all-MiniLM-L6-v2's does, to 128),
+    so both are switched off; the row builders cut and the scorers pad. Cached because detection and
+    the row builder both need it; callers never mutate it.
     """
     path = model_file(source, "tokenizer.json")
     if path is not None:
@@ -132,12 +117,28 @@ def load_tokenizer(source: str) -> tuple[Tokenizer, int]:
         pad_token_id = converted.pad_token_id if converted.pad_token_id is not None else 0
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    tokenizer.encode_special_tokens = True
     return tokenizer, pad_token_id
+
+
+def template_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A family's own template text, whose special tokens (`<|im_start|>`) are meant as such."""
+    template = Tokenizer.from_str(tokenizer.to_str())
+    template.encode_special_tokens = False
+    return template.encode(text, add_special_tokens=False).ids
+
+
+def single_token(tokenizer: Tokenizer, text: str) -> int:
+    """The id of a text the recipe scores by (its first token, as the references take it)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError(f"the tokenizer turns {text!r} into no token")
+    return ids[0]
 
 
 def _pad_token_id(source: str, tokenizer: Tokenizer) -> int:
     for filename in ("tokenizer_config.json", "special_tokens_map.json"):
-        settings = _read_json(source, filename) or {}
+        settings = read_json(source, filename) or {}
         token = settings.get("pad_token")
         if isinstance(token, dict):
             token = token.get("content")
@@ -147,115 +148,12 @@ def _pad_token_id(source: str, tokenizer: Tokenizer) -> int:
     return pad_token_id if isinstance(pad_token_id, int) else 0
 
 
-def describe_model(source: str, family: str = "auto") -> ModelSpec:
-    """Tell the family and length limits of a model from its config and tokenizer, without its weights.
-
-    `family` "auto" detects it; "cross-encoder" or "bi-encoder" forces it. Raises ValueError for a
-    model no family here can score.
-    """
-    if family not in ("auto", *FAMILIES):
-        raise ValueError(f"unknown model family {family!r}; expected 'auto' or one of {FAMILIES}")
-    resolved = resolve_source(source)
-    config = read_config(resolved)
-    if family == "auto":
-        family = _detect_family(resolved, config)
-    elif family == "cross-encoder" and _num_labels(config) != 1:
-        raise ValueError(
-            f"{source!r} has {_num_labels(config)} labels; a cross-encoder needs exactly one logit"
-        )
-    tokenizer, _ = load_tokenizer(resolved)
-    limit = _position_limit(config)
-    if family == "cross-encoder":
-        specials = SpecialLayout(tokenizer, pair=True).special_tokens
-        return ModelSpec(
-            source=resolved,
-            family=family,
-            default_max_length=min(_DEFAULT_MAX_LENGTH, limit),
-            max_length_limit=limit,
-            min_max_length=cross_encoder_min_max_length(specials),
-        )
-    return ModelSpec(
-        source=resolved,
-        family=family,
-        default_max_length=min(_bi_encoder_default_length(resolved), limit),
-        max_length_limit=limit,
-        min_max_length=SpecialLayout(tokenizer, pair=False).special_tokens + 1,
-    )
-
-
-def cross_encoder_min_max_length(pair_specials: int) -> int:
-    """The least max_length at which a query cut to 3/4 of it still leaves the document one token."""
-    max_length = pair_specials + 2
-    while max_length - pair_specials - max_length * 3 // 4 < 1:
-        max_length += 1
-    return max_length
-
-
-def _num_labels(config: dict[str, Any]) -> int:
-    id2label = config.get("id2label")
-    if isinstance(id2label, dict):
-        return len(id2label)
-    return int(config.get("num_labels", 2))  # transformers' default
-
-
-def _detect_family(source: str, config: dict[str, Any]) -> str:
-    architectures = config.get("architectures") or []
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
-        labels = _num_labels(config)
-        if labels != 1:
-            raise ValueError(
-                f"{source!r} is a classifier with {labels} labels; only single-logit cross-encoders "
-                "are supported"
-            )
-        return "cross-encoder"
-    modules = _read_json(source, "modules.json")
-    if modules is not None or model_file(source, "sentence_bert_config.json") is not None:
-        _check_sentence_transformers_modules(source, modules or [])
-        return "bi-encoder"
-    model_type = config.get("model_type")
-    if model_type in _ENCODER_TYPES and all(name.endswith("Model") for name in architectures):
-        return "bi-encoder"
-    raise ValueError(
-        f"{source!r} (architectures {architectures}, model_type {model_type!r}) is not supported yet: "
-        "serving needs a single-logit *ForSequenceClassification cross-encoder or a mean-pooling "
-        "encoder; pass the family explicitly to force one"
-    )
-
-
-def _check_sentence_transformers_modules(source: str, modules: list[dict[str, Any]]) -> None:
-    """Accept only Transformer -> mean Pooling (-> Normalize): the bi-encoder scorer computes exactly that."""
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in _SUPPORTED_MODULES:
-            raise ValueError(f"{source!r} has a sentence-transformers {kind} module; not supported yet")
-        if kind == "Pooling":
-            folder = module.get("path") or ""
-            pooling = _read_json(source, f"{folder}/config.json" if folder else "config.json") or {}
-            modes = pooling.get("pooling_mode") or [
-                mode for flag, mode in _POOLING_FLAGS.items() if pooling.get(flag)
-            ]
-            if modes not in ("mean", ["mean"]):
-                raise ValueError(f"{source!r} pools with {modes!r}; only mean pooling is supported yet")
-
-
-def _position_limit(config: dict[str, Any]) -> int:
-    positions = int(config.get("max_position_embeddings", _DEFAULT_MAX_LENGTH))
-    if config.get("model_type") in _PADDING_OFFSET_POSITIONS:
+def position_limit(config: Mapping[str, Any]) -> int:
+    """The longest sequence the model's position embeddings hold."""
+    positions = int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
+    if config.get("model_type") in PADDING_OFFSET_TYPES:
         return positions - int(config.get("pad_token_id", 1)) - 1
     return positions
-
-
-def _bi_encoder_default_length(source: str) -> int:
-    """sentence-transformers' max_seq_length: the legacy config key, else the tokenizer's model_max_length
-    (where newer sentence-transformers releases keep it), else 512."""
-    settings = _read_json(source, "sentence_bert_config.json") or {}
-    if isinstance(settings.get("max_seq_length"), int):
-        return settings["max_seq_length"]
-    if model_file(source, "modules.json") is not None:
-        model_max_length = (_read_json(source, "tokenizer_config.json") or {}).get("model_max_length")
-        if isinstance(model_max_length, int):
-            return model_max_length
-    return _DEFAULT_MAX_LENGTH
 
 
 @dataclass(frozen=True)
@@ -318,12 +216,3 @@ class SpecialLayout:
                 input_ids.extend(tokens)
                 token_type_ids.extend([segment.type_id] * len(tokens))
         return input_ids, token_type_ids
-
-
-def check_max_length(spec: ModelSpec, max_length: int) -> None:
-    """Refuse a max_length the model cannot hold or that leaves no room for text."""
-    if not spec.min_max_length <= max_length <= spec.max_length_limit:
-        raise ValueError(
-            f"max_length {max_length} is outside [{spec.min_max_length}, {spec.max_length_limit}] "
-            f"for {spec.source!r}"
-        )

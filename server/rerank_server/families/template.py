@@ -1,0 +1,115 @@
+"""The row recipe every family shares: cut the query, fit or cut or chunk each document, assemble.
+
+A family says how it tokenizes the query and the documents, how many query tokens it keeps, how
+many document tokens fit beside a query, and how a row is laid out; `PairTemplate.rows` applies the
+request's truncation the same way for all of them:
+- END cuts as the family's reference does;
+- NONE refuses any pair the reference would cut (query or document);
+- CHUNK keeps the query as END does and splits a document that does not fit into windows of the
+  room beside the query, overlapping by `chunk_overlap` tokens (at most half a window), at most
+  `max_chunks` of them; the document's score is its best window's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rerank_server.families.base import IntArray, ModelSpec, PairTooLongError, Row, RowOptions, ScoreArray
+from rerank_server.types import Truncation
+
+
+class PairTemplate(ABC):
+    """Base of the families' row builders."""
+
+    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+
+    @abstractmethod
+    def query_ids(self, query: str, options: RowOptions) -> list[int]:
+        """The query part of a row as the reference tokenizes it, before any cut."""
+
+    @abstractmethod
+    def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
+        """The most query tokens the reference keeps beside a document of document_length tokens."""
+
+    def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
+        """The document part of each row as the reference tokenizes it, before any cut."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(documents), add_special_tokens=False)]
+
+    @abstractmethod
+    def room(self, query_ids: list[int], max_length: int) -> int:
+        """How many document tokens fit beside this (already cut) query."""
+
+    @abstractmethod
+    def assemble(self, query_ids: list[int], document_ids: list[int]) -> dict[str, IntArray]:
+        """The row's token columns."""
+
+    @abstractmethod
+    def normalize(self, raw: ScoreArray) -> ScoreArray: ...
+
+    def rows(
+        self, query: str, documents: Sequence[str], options: RowOptions, first_document: int
+    ) -> list[Row]:
+        max_length = options.max_length
+        full_query = self.query_ids(query, options)
+        values = {name: getattr(options, name) for name in self.spec.row_values}
+        rows: list[Row] = []
+        for position, document_ids in enumerate(self.document_ids(documents)):
+            document = first_document + position
+            limit = self.query_limit(max_length, len(full_query), len(document_ids))
+            query_cut = len(full_query) > limit
+            if query_cut and options.truncation is Truncation.NONE:
+                raise PairTooLongError(
+                    f"the query needs {len(full_query)} tokens; this model keeps {limit} of it at "
+                    f"max_length {max_length}"
+                )
+            query_ids = full_query[:limit]
+            room = max(0, self.room(query_ids, max_length))
+            if len(document_ids) <= room:
+                spans = [(0, len(document_ids))]
+            elif options.truncation is Truncation.NONE:
+                raise PairTooLongError(
+                    f"document {document} needs {len(document_ids)} tokens; {room} fit beside the query "
+                    f"at max_length {max_length}"
+                )
+            elif options.truncation is Truncation.CHUNK:
+                if room < 1:
+                    raise PairTooLongError(
+                        f"the query leaves no room for document windows at max_length {max_length}"
+                    )
+                spans = chunk_spans(len(document_ids), room, options.chunk_overlap, options.max_chunks)
+            else:
+                spans = [(0, room)]
+            truncated = query_cut or spans[-1][1] < len(document_ids)
+            rows.extend(
+                Row(document, self.assemble(query_ids, document_ids[start:end]), values, truncated)
+                for start, end in spans
+            )
+        return rows
+
+
+def chunk_spans(length: int, window: int, overlap: int, max_chunks: int) -> list[tuple[int, int]]:
+    """[start, end) token spans of the windows a document of `length` tokens is split into.
+
+    Windows of `window` tokens start every `window - overlap` tokens (the overlap is at most half a
+    window) until one reaches the end; at most `max_chunks` of them, so the tail of a very long
+    document may go unscored.
+    """
+    stride = window - min(overlap, window // 2)
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while len(spans) < max_chunks:
+        spans.append((start, min(start + window, length)))
+        if start + window >= length:
+            break
+        start += stride
+    return spans
+
+
+def as_ids(values: Sequence[int]) -> IntArray:
+    return np.asarray(values, dtype=np.int32)

@@ -1,0 +1,1 @@
+"""The data plane: requests in the server's own types, rows to the models' schedulers, results out."""
