@@ -159,6 +159,8 @@ async def serve(settings: ServerSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     plans = plan_models(settings)
+    for position, plan in enumerate(plans):
+        log.info("model %r (%s, %s): replicas m%d/*", plan.name, plan.spec.family, plan.spec.source, position)
     metrics = Metrics()
     pools = [
         WorkerPool(

@@ -47,6 +47,7 @@ class PoolListener(Protocol):
 @dataclass
 class Replica:
     index: int
+    name: str  # in logs: the model's label and the replica's index, e.g. "m0/1"
     plan: ReplicaPlan
     segments: list[OwnedSegment]
     state: str = "starting"  # starting | ready | dead | stopped
@@ -67,7 +68,7 @@ class WorkerPool:
         layout: SegmentLayout,
         *,
         restart_backoff_s: float,
-        label: str = "",
+        label: str = "m0",
         log_level: str = "INFO",
         on_restart: Callable[[], None] = lambda: None,
     ) -> None:
@@ -81,7 +82,12 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.replicas = [
-            Replica(i, plan, [OwnedSegment(layout, f"{label}w{i}s{s}-") for s in range(SEGMENTS_PER_REPLICA)])
+            Replica(
+                i,
+                f"{label}/{i}",
+                plan,
+                [OwnedSegment(layout, f"{label}w{i}s{s}-") for s in range(SEGMENTS_PER_REPLICA)],
+            )
             for i, plan in enumerate(plans)
         ]
 
@@ -114,7 +120,7 @@ class WorkerPool:
             replica.conn.send(descriptor)
         except (OSError, ValueError):
             # The worker is gone; its reader thread reports the exit and the batch is retried then.
-            log.warning("replica %d: pipe closed while sending batch %d", replica.index, batch_id)
+            log.warning("replica %s: pipe closed while sending batch %d", replica.name, batch_id)
 
     async def stop(self) -> None:
         """Stop every worker, then free the shared memory; also after workers crashed."""
@@ -136,7 +142,7 @@ class WorkerPool:
                 continue
             process.join(STOP_TIMEOUT_S)
             if process.is_alive():
-                log.warning("replica %d did not stop; killing it", replica.index)
+                log.warning("replica %s did not stop; killing it", replica.name)
                 process.kill()
                 process.join()
             if replica.conn is not None:
@@ -173,7 +179,7 @@ class WorkerPool:
             name=f"rerank-reader-{replica.index}",
         )
         replica.reader.start()
-        log.info("replica %d: started worker pid %d on %s", replica.index, process.pid, replica.plan.device)
+        log.info("replica %s: started worker pid %d on %s", replica.name, process.pid, replica.plan.device)
 
     def _read(self, replica: Replica, generation: int, conn: Connection, process: BaseProcess) -> None:
         """Reader thread: forward each message to the event loop; report the worker's exit.
@@ -208,15 +214,15 @@ class WorkerPool:
                 self._listener.on_batch_lost(message.batch_id, message.message)
         elif isinstance(message, Ready):
             replica.state, replica.failures = "ready", 0
-            log.info("replica %d ready (pid %d)", replica.index, message.pid)
+            log.info("replica %s ready (pid %d)", replica.name, message.pid)
             self._listener.on_replicas_changed(self.ready_count)
         elif isinstance(message, StartFailed):
-            log.error("replica %d failed to start: %s", replica.index, message.message)
+            log.error("replica %s failed to start: %s", replica.name, message.message)
 
     def _on_exit(self, replica: Replica, generation: int, code: int | None) -> None:
         if generation != replica.generation or self._stopping or self._listener is None:
             return
-        log.error("replica %d: worker exited (code %s); restarting", replica.index, code)
+        log.error("replica %s: worker exited (code %s); restarting", replica.name, code)
         replica.state = "dead"
         lost = list(replica.in_flight)
         replica.in_flight.clear()
