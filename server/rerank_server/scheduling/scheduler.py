@@ -52,7 +52,13 @@ class Replicas(Protocol):
 class Ticket:
     """One request's handle: its rows in flight, and the scores as they come back (by document)."""
 
-    def __init__(self, deadline: float | None, on_scores: ScoreSink, now: float) -> None:
+    def __init__(
+        self,
+        deadline: float | None,
+        on_scores: ScoreSink,
+        now: float,
+        on_failure: Callable[[RerankServerError], None] | None = None,
+    ) -> None:
         self.deadline = deadline
         self.closed = False
         self.error: RerankServerError | None = None
@@ -61,6 +67,7 @@ class Ticket:
         self.first_dispatch_at: float | None = None
         self.last_score_at: float | None = None
         self._on_scores = on_scores
+        self._on_failure = on_failure
         # Set whenever scores arrive or the request fails; whoever waits on the ticket clears it.
         self.changed = asyncio.Event()
 
@@ -74,6 +81,8 @@ class Ticket:
         if self.error is None and not self.closed:
             self.error = error
             self.changed.set()
+            if self._on_failure is not None:
+                self._on_failure(error)
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -101,9 +110,16 @@ class Scheduler:
     def now(self) -> float:
         return self._loop.time()
 
-    def open(self, on_scores: ScoreSink, timeout: float | None) -> Ticket:
+    def open(
+        self,
+        on_scores: ScoreSink,
+        timeout: float | None,
+        on_failure: Callable[[RerankServerError], None] | None = None,
+    ) -> Ticket:
+        """A request's ticket; on_failure hears of its failure at once, for callers that are not
+        waiting on the ticket when it fails (a stream waiting for the client's next message)."""
         now = self.now()
-        return Ticket(None if timeout is None else now + timeout, on_scores, now)
+        return Ticket(None if timeout is None else now + timeout, on_scores, now, on_failure)
 
     def submit(self, ticket: Ticket, rows: Sequence[Row], *, admit_over_limit: bool = False) -> None:
         """Queue a request's rows; raises OverloadedError or NoReplicaError at once."""

@@ -53,7 +53,8 @@ class StreamSession:
         """Yield scored documents as they finish, then the final top_n."""
         started = time.perf_counter()
         scheduler = self._prepared.model.scheduler
-        ticket = scheduler.open(self._collect, timeout)
+        # A failure reaches the response side at once, even while the reader waits on the client.
+        ticket = scheduler.open(self._collect, timeout, on_failure=self._events.put_nowait)
         reader = asyncio.create_task(self._read_all(ticket, more_documents))
         try:
             while (event := await self._events.get()) is not None:
