@@ -389,7 +389,10 @@ class Shutdown:
 class ServerUnderTest:
     """The real `rerank-server` console script in a subprocess; killed with its workers on any error."""
 
-    def __init__(self, model_dir: Path, replicas: int, threads: int, log_path: Path) -> None:
+    def __init__(
+        self, model: Path | str, replicas: int, threads: int, log_path: Path, extra: tuple[str, ...] = ()
+    ) -> None:
+        """`model` is a --model value ([NAME=]SOURCE); `extra` more flags."""
         executable = Path(sys.executable).with_name("rerank-server")
         if not executable.exists():
             executable = Path(shutil.which("rerank-server") or "rerank-server")
@@ -397,13 +400,14 @@ class ServerUnderTest:
         self.metrics_port = _free_port()
         command = [
             str(executable),
-            "--model", str(model_dir),
+            "--model", str(model),
             "--devices", "cpu",
             "--cpu-replicas", str(replicas),
             "--threads-per-replica", str(threads),
             "--host", "127.0.0.1",
             "--port", "0",
             "--metrics-port", str(self.metrics_port),
+            *extra,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self._log = log_path.open("wb")
@@ -497,7 +501,7 @@ class ServerUnderTest:
             segment.unlink(missing_ok=True)
 
     def batch_counters(self) -> dict[str, float]:
-        """Cumulative batch counters from the server's /metrics (127.0.0.1 only)."""
+        """Cumulative batch counters from the server's /metrics (127.0.0.1 only), over every model."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             body = response.read().decode()
@@ -509,9 +513,10 @@ class ServerUnderTest:
         }
         values = dict.fromkeys(wanted.values(), 0.0)
         for line in body.splitlines():
-            name, _, value = line.partition(" ")
+            sample, _, value = line.rpartition(" ")
+            name = sample.partition("{")[0]
             if name in wanted:
-                values[wanted[name]] = float(value)
+                values[wanted[name]] += float(value)
         return values
 
 

@@ -25,7 +25,8 @@ PROMPT = (
     "Given a query A and a passage B, determine whether the passage contains an answer to the query "
     "by providing a prediction of either 'Yes' or 'No'."
 )
-HIDDEN, HEADS, INTERMEDIATE = 64, 4, 160  # the real 2304 / 36 / 5760 keeps intermediate = 2.5 hidden
+HIDDEN, HEAD_DIM = 64, 16  # the real model: hidden 2304, 36 heads of 64, intermediate 2.5 x hidden
+HEADS = HIDDEN // HEAD_DIM
 SPECIALS = ("<unk>", "<s>", "</s>")
 
 
@@ -50,7 +51,7 @@ def _tokenizer() -> LlamaTokenizer:
     )
 
 
-def _config(vocab_size: int, layers: int, start_layer: int, kv_heads: int) -> dict[str, object]:
+def _config(vocab_size: int, layers: int, start_layer: int, kv_heads: int, hidden: int) -> dict[str, object]:
     """The released config.json's keys, with tiny sizes."""
     return {
         "architectures": ["LayerWiseMiniCPMForCausalLM"],
@@ -67,12 +68,12 @@ def _config(vocab_size: int, layers: int, start_layer: int, kv_heads: int) -> di
         "head_multi": True,
         "head_type": "simple",
         "hidden_act": "silu",
-        "hidden_size": HIDDEN,
+        "hidden_size": hidden,
         "initializer_range": 0.1,
-        "intermediate_size": INTERMEDIATE,
+        "intermediate_size": hidden * 5 // 2,
         "max_position_embeddings": 2048,
         "model_type": "minicpm",
-        "num_attention_heads": HEADS,
+        "num_attention_heads": hidden // HEAD_DIM,
         "num_hidden_layers": layers,
         "num_key_value_heads": kv_heads,
         "pretraining_tp": 1,
@@ -91,7 +92,7 @@ def _config(vocab_size: int, layers: int, start_layer: int, kv_heads: int) -> di
 
 
 def _weights(
-    vocab_size: int, layers: int, start_layer: int, kv_heads: int, seed: int
+    vocab_size: int, layers: int, start_layer: int, kv_heads: int, seed: int, hidden: int
 ) -> dict[str, torch.Tensor]:
     """Random weights under the checkpoint's names; std 0.2 (not the real 0.1) so different inputs score
     clearly apart, norm weights near one."""
@@ -100,42 +101,49 @@ def _weights(
     def normal(*shape: int, mean: float = 0.0, std: float = 0.2) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * std + mean
 
-    kv = kv_heads * (HIDDEN // HEADS)
-    state = {"model.embed_tokens.weight": normal(vocab_size, HIDDEN)}
+    kv, intermediate = kv_heads * HEAD_DIM, hidden * 5 // 2
+    state = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
     for i in range(layers):
         prefix = f"model.layers.{i}."
         state |= {
-            prefix + "self_attn.q_proj.weight": normal(HIDDEN, HIDDEN),
-            prefix + "self_attn.k_proj.weight": normal(kv, HIDDEN),
-            prefix + "self_attn.v_proj.weight": normal(kv, HIDDEN),
-            prefix + "self_attn.o_proj.weight": normal(HIDDEN, HIDDEN),
-            prefix + "mlp.gate_proj.weight": normal(INTERMEDIATE, HIDDEN),
-            prefix + "mlp.up_proj.weight": normal(INTERMEDIATE, HIDDEN),
-            prefix + "mlp.down_proj.weight": normal(HIDDEN, INTERMEDIATE),
-            prefix + "input_layernorm.weight": normal(HIDDEN, mean=1.0, std=0.1),
-            prefix + "post_attention_layernorm.weight": normal(HIDDEN, mean=1.0, std=0.1),
+            prefix + "self_attn.q_proj.weight": normal(hidden, hidden),
+            prefix + "self_attn.k_proj.weight": normal(kv, hidden),
+            prefix + "self_attn.v_proj.weight": normal(kv, hidden),
+            prefix + "self_attn.o_proj.weight": normal(hidden, hidden),
+            prefix + "mlp.gate_proj.weight": normal(intermediate, hidden),
+            prefix + "mlp.up_proj.weight": normal(intermediate, hidden),
+            prefix + "mlp.down_proj.weight": normal(hidden, intermediate),
+            prefix + "input_layernorm.weight": normal(hidden, mean=1.0, std=0.1),
+            prefix + "post_attention_layernorm.weight": normal(hidden, mean=1.0, std=0.1),
         }
-    state["model.norm.weight"] = normal(HIDDEN, mean=1.0, std=0.1)
+    state["model.norm.weight"] = normal(hidden, mean=1.0, std=0.1)
     for head in range(layers - start_layer + 1):
-        state[f"lm_head.{head}.linear_head.weight"] = normal(1, HIDDEN)
+        state[f"lm_head.{head}.linear_head.weight"] = normal(1, hidden)
     return state
 
 
 def build_minicpm_layerwise(
-    path: str | Path, *, seed: int = 0, layers: int = 6, start_layer: int = 2, kv_heads: int = HEADS
+    path: str | Path,
+    *,
+    seed: int = 0,
+    layers: int = 6,
+    start_layer: int = 2,
+    kv_heads: int = HEADS,
+    hidden: int = HIDDEN,
 ) -> Path:
-    """Write the checkpoint to `path` and return it. `kv_heads` below 4 gives grouped-query attention
-    (the released model has as many key-value heads as heads)."""
+    """Write the checkpoint to `path` and return it. Heads are 16 wide; `kv_heads` below
+    hidden / 16 gives grouped-query attention (the released model has as many key-value heads as
+    heads). The benchmark builds a wider one."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer()
     if len(tokenizer("Yes", add_special_tokens=False).input_ids) != 1:
         raise AssertionError("the tiny vocabulary must hold 'Yes' as one token")
     vocab_size = len(tokenizer)
-    config = _config(vocab_size, layers, start_layer, kv_heads)
+    config = _config(vocab_size, layers, start_layer, kv_heads, hidden)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(
-        _weights(vocab_size, layers, start_layer, kv_heads, seed),
+        _weights(vocab_size, layers, start_layer, kv_heads, seed, hidden),
         path / "model.safetensors",
         {"format": "pt"},
     )

@@ -8,6 +8,8 @@ batches. Rows must be the same token ids, and scores equal within 1e-5 in float3
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,9 +216,22 @@ def test_truncation_none_refuses_what_the_llm_recipes_would_cut(llms: dict[str, 
         assert not whole.truncated
 
 
-def test_detection_reads_the_architecture(gemma_dir: Path, tmp_path: Path) -> None:
+def test_detection_reads_the_architecture_then_the_name(
+    gemma_dir: Path, qwen3_dir: Path, tmp_path: Path
+) -> None:
     """A general chat model of a reranker's architecture cannot be told from the reranker: detection
-    takes the architecture's reranker, and --family forces another."""
+    takes the architecture's reranker; where the config names no known architecture, the model's
+    name decides; a family name forces any."""
     assert describe_model(str(gemma_dir)).family == "bge-reranker-gemma"
+    renamed = tmp_path / "Qwen3-Reranker-0.6B"
+    shutil.copytree(qwen3_dir, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps({**config, "architectures": ["CustomForCausalLM"]}))
+    assert describe_model(str(renamed)).family == "qwen3-reranker"
+    unnamed = tmp_path / "some-model"
+    shutil.copytree(renamed, unnamed)
+    with pytest.raises(ValueError, match="not a supported reranker; supported families: "):
+        describe_model(str(unnamed))
+    assert describe_model(str(unnamed), "qwen3-reranker").family == "qwen3-reranker"
     with pytest.raises(ValueError, match="unknown model family"):
         describe_model(str(gemma_dir), "gemma-chat")

@@ -55,6 +55,8 @@ def describe_model(source: str, family: str = "auto") -> ModelSpec:
     files = ModelFiles(resolved, read_config(resolved))
     if chosen is None:
         chosen = next((f for f in FAMILIES.values() if f.detect(files)), None)
+    if chosen is None:  # the architecture cannot tell: the name may
+        chosen = next((f for f in FAMILIES.values() if any(n in files.name for n in f.names)), None)
     if chosen is None:
         raise ValueError(
             f"{source!r} (architectures {files.architectures}, "

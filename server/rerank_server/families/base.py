@@ -159,6 +159,11 @@ class ModelFiles:
     def architectures(self) -> list[str]:
         return list(self.config.get("architectures") or [])
 
+    @property
+    def name(self) -> str:
+        """The model's name as the checkpoint or its location gives it, lower-cased."""
+        return f"{self.config.get('_name_or_path') or ''} {self.source}".lower()
+
 
 @dataclass(frozen=True)
 class Family:
@@ -170,6 +175,7 @@ class Family:
     row_builder: Callable[[ModelSpec], RowBuilder]
     scorer: Callable[[ModelSpec, str, str], Scorer]  # (spec, torch device, dtype); imports torch
     gpu_dtype: str  # what dtype "auto" means on a GPU
+    names: tuple[str, ...] = ()  # lower-case name parts that tell the family when the config cannot
 
 
 def sigmoid(raw: ScoreArray) -> ScoreArray:

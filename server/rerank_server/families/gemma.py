@@ -100,4 +100,5 @@ FAMILY = Family(
     row_builder=PromptedRows,
     scorer=TokenLogitScorer,
     gpu_dtype="bfloat16",
+    names=("bge-reranker-v2-gemma",),
 )

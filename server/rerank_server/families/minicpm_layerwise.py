@@ -12,17 +12,11 @@ from dataclasses import replace
 
 from rerank_server.families.base import Family, ModelFiles, ModelSpec, ScoreArray, TokenBatch
 from rerank_server.families.gemma import PromptedRows, describe_prompted
+from rerank_server.families.llm import has_architecture
 
 NAME = "minicpm-layerwise"
 ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"
 CUTOFF = "cutoff_layer"
-
-
-def is_layerwise(files: ModelFiles) -> bool:
-    if ARCHITECTURE in files.architectures:
-        return True
-    name = str(files.config.get("_name_or_path", "")).lower()
-    return "minicpm-layerwise" in name or "minicpm_layerwise" in name
 
 
 def describe_layerwise(files: ModelFiles) -> ModelSpec:
@@ -63,9 +57,10 @@ class LayerwiseScorer:
 
 FAMILY = Family(
     name=NAME,
-    detect=is_layerwise,
+    detect=has_architecture(ARCHITECTURE),
     describe=describe_layerwise,
     row_builder=PromptedRows,
     scorer=LayerwiseScorer,
     gpu_dtype="bfloat16",
+    names=("minicpm-layerwise",),
 )

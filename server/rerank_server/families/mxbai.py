@@ -120,4 +120,5 @@ FAMILY = Family(
     row_builder=MxbaiRows,
     scorer=TokenLogitScorer,
     gpu_dtype="bfloat16",
+    names=("mxbai-rerank",),
 )

@@ -96,4 +96,5 @@ FAMILY = Family(
     row_builder=Qwen3Rows,
     scorer=TokenLogitScorer,
     gpu_dtype="bfloat16",
+    names=("qwen3-reranker",),
 )

@@ -158,7 +158,7 @@ class WorkerPool:
         replica.in_flight.clear()
         replica.free_segments = list(range(len(replica.segments)))
         config = WorkerConfig(
-            replica.index,
+            replica.name,
             self._spec,
             replica.plan,
             tuple(s.name for s in replica.segments),
@@ -167,7 +167,7 @@ class WorkerPool:
         )
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=run_worker, args=(config, child_end), name=f"rerank-worker-{replica.index}", daemon=True
+            target=run_worker, args=(config, child_end), name=f"rerank-worker-{replica.name}", daemon=True
         )
         process.start()
         child_end.close()  # so the worker's death reads as end-of-file here
@@ -176,7 +176,7 @@ class WorkerPool:
             target=self._read,
             args=(replica, replica.generation, parent_end, process),
             daemon=True,
-            name=f"rerank-reader-{replica.index}",
+            name=f"rerank-reader-{replica.name}",
         )
         replica.reader.start()
         log.info("replica %s: started worker pid %d on %s", replica.name, process.pid, replica.plan.device)

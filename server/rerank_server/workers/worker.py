@@ -27,7 +27,7 @@ WARMUP_LENGTHS = (16, 12, 8, 4)  # rows of different lengths, so padding paths r
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    index: int
+    name: str  # the replica's name in logs, e.g. "m0/1" (model label / replica index)
     spec: ModelSpec
     plan: ReplicaPlan
     segment_names: tuple[str, ...]
@@ -69,7 +69,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(
-        level=config.log_level, format=f"%(asctime)s worker-{config.index} %(levelname)s %(message)s"
+        level=config.log_level, format=f"%(asctime)s worker-{config.name} %(levelname)s %(message)s"
     )
     try:
         scorer = _load(config)
