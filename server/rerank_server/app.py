@@ -232,7 +232,7 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
 
         log.info("draining: refusing new calls, %.1f s for calls in flight", settings.grace_period_s)
-        health.draining = True
+        health.draining = service.draining = True
         await health.servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_period_s)
     finally:

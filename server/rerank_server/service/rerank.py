@@ -15,7 +15,7 @@ from functools import partial
 
 import numpy as np
 
-from rerank_server.errors import InvalidRequestError
+from rerank_server.errors import InvalidRequestError, NoReplicaError
 from rerank_server.families.base import PairTooLongError, Row, RowOptions
 from rerank_server.models.registry import ModelRegistry
 from rerank_server.ranking import order
@@ -38,6 +38,7 @@ class RerankService:
         self.models = models
         self._limits = limits
         self._executor = tokenize_executor
+        self.draining = False  # set on SIGTERM/SIGINT: calls in flight finish, new ones go elsewhere
 
     def list_models(self) -> list[ModelInfo]:
         return [model.info() for model in self.models]
@@ -97,6 +98,8 @@ class RerankService:
 
     def prepare(self, request: RerankQuery, *, streaming: bool) -> Prepared:
         """Validate what does not depend on the documents; resolve the options against the model."""
+        if self.draining:
+            raise NoReplicaError("the server is draining; retry on another replica")
         model = self.models.get(request.model)
         spec = model.spec
         if not request.query.strip():
