@@ -135,7 +135,7 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
 
 
 def grpc_server(
-    settings: ServerSettings, service: RerankService, metrics: Metrics, health_servicer: AsyncHealthServicer
+    settings: ServerSettings, servicer: RerankerServicer, health_servicer: AsyncHealthServicer
 ) -> grpc.aio.Server:
     """The gRPC server with the Reranker, health and reflection services, not yet listening."""
     max_message = settings.max_message_mb * 1024 * 1024
@@ -145,7 +145,7 @@ def grpc_server(
             ("grpc.max_send_message_length", max_message),
         ]
     )
-    reranker_pb2_grpc.add_RerankerServicer_to_server(RerankerServicer(service, metrics), server)
+    reranker_pb2_grpc.add_RerankerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
@@ -217,7 +217,8 @@ async def serve(settings: ServerSettings) -> None:
             settings.max_chunks,
         )
         service = RerankService(health.models, limits, executor)
-        server = grpc_server(settings, service, metrics, health.servicer)
+        servicer = RerankerServicer(service, metrics)
+        server = grpc_server(settings, servicer, health.servicer)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         except RuntimeError as exc:
@@ -232,9 +233,13 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
 
         log.info("draining: refusing new calls, %.1f s for calls in flight", settings.grace_period_s)
+        # New calls get UNAVAILABLE from the service (clients retry elsewhere) while those in flight
+        # finish; only then does gRPC stop, whose own refusals race its shutdown (CANCELLED).
         health.draining = service.draining = True
         await health.servicer.enter_graceful_shutdown()
-        await server.stop(settings.grace_period_s)
+        began = loop.time()
+        await servicer.calls.wait_idle(settings.grace_period_s)
+        await server.stop(max(0.0, settings.grace_period_s - (loop.time() - began)))
     finally:
         for scheduler in schedulers:
             scheduler.fail_all(NoReplicaError("the server is stopping"))

@@ -18,10 +18,37 @@ from rerank_server.metrics import Metrics
 from rerank_server.service.rerank import RerankService
 
 
+class CallsInFlight:
+    """RPCs being served, so a drain can wait for them before it stops the gRPC server."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no RPC is in flight; False if some still are after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class RerankerServicer(pb_grpc.RerankerServicer):
     def __init__(self, service: RerankService, metrics: Metrics) -> None:
         self._service = service
         self._metrics = metrics
+        self.calls = CallsInFlight()
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         with self._observe("Rerank") as outcome:
@@ -56,15 +83,16 @@ class RerankerServicer(pb_grpc.RerankerServicer):
         return convert.list_models_response(self._service.list_models())
 
     def _observe(self, method: str) -> _Outcome:
-        return _Outcome(self._metrics, method)
+        return _Outcome(self._metrics, method, self.calls)
 
 
 class _Outcome:
     """Ends an RPC with the status its error maps to; counts the RPC by status code and times it."""
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+    def __init__(self, metrics: Metrics, method: str, calls: CallsInFlight) -> None:
         self._metrics = metrics
         self._method = method
+        self._calls = calls
         self._code = grpc.StatusCode.OK
 
     async def abort(self, context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
@@ -74,6 +102,7 @@ class _Outcome:
 
     def __enter__(self) -> _Outcome:
         self._started = time.perf_counter()
+        self._calls.enter()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
@@ -82,6 +111,7 @@ class _Outcome:
             code = grpc.StatusCode.CANCELLED
         self._metrics.requests.labels(self._method, code.name).inc()
         self._metrics.request_seconds.labels(self._method).observe(time.perf_counter() - self._started)
+        self._calls.exit()
 
 
 async def _document_chunks(
