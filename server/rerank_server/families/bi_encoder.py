@@ -19,7 +19,6 @@ from rerank_server.families.base import (
     IntArray,
     ModelFiles,
     ModelSpec,
-    RowOptions,
     ScoreArray,
     TokenBatch,
 )
@@ -115,12 +114,8 @@ class BiEncoderRows(PairTemplate):
     """Tokenizes query and documents in the front-end, each as sentence-transformers would alone."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        tokenizer, _ = load_tokenizer(spec.source)
-        super().__init__(spec, tokenizer)
-        self._layout = SpecialLayout(tokenizer, pair=False)
-
-    def query_ids(self, query: str, options: RowOptions) -> list[int]:
-        return self.tokenizer.encode(query, add_special_tokens=False).ids
+        super().__init__(spec)
+        self._layout = SpecialLayout(self.tokenizer, pair=False)
 
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         return max_length - self._layout.special_tokens

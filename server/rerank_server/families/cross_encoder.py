@@ -17,7 +17,6 @@ from rerank_server.families.base import (
     IntArray,
     ModelFiles,
     ModelSpec,
-    RowOptions,
     ScoreArray,
     TokenBatch,
     sigmoid,
@@ -79,12 +78,8 @@ class CrossEncoderRows(PairTemplate):
     """Tokenizes pairs in the front-end; drives the Rust tokenizer directly (no torch, no transformers)."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        tokenizer, _ = load_tokenizer(spec.source)
-        super().__init__(spec, tokenizer)
-        self._layout = SpecialLayout(tokenizer, pair=True)
-
-    def query_ids(self, query: str, options: RowOptions) -> list[int]:
-        return self.tokenizer.encode(query, add_special_tokens=False).ids
+        super().__init__(spec)
+        self._layout = SpecialLayout(self.tokenizer, pair=True)
 
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         return max_length * 3 // 4

@@ -8,8 +8,6 @@ separators, as in the reference. Normalized score: sigmoid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from rerank_server.families.base import (
     Family,
     IntArray,
@@ -63,22 +61,19 @@ def describe_prompted(files: ModelFiles, family: str, prompt: str = PROMPT) -> M
 class PromptedRows(PairTemplate):
     """The "A: query / B: passage / prompt" rows of FlagLLMReranker (and its layerwise sibling)."""
 
+    document_prefix = "B: "
+
     def __init__(self, spec: ModelSpec) -> None:
-        tokenizer, _ = load_tokenizer(spec.source)
-        super().__init__(spec, tokenizer)
+        super().__init__(spec)
         self._bos = [spec.options["bos"]]
         self._prompt = list(spec.options["prompt_ids"])
         self._separator = list(spec.options["separator_ids"])
 
     def query_ids(self, query: str, options: RowOptions) -> list[int]:
-        return self.tokenizer.encode("A: " + query, add_special_tokens=False).ids
+        return self.ids("A: " + query)
 
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         return max_length * 3 // 4
-
-    def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch(["B: " + d for d in documents], add_special_tokens=False)
-        return [e.ids for e in encodings]
 
     def room(self, query_ids: list[int], max_length: int) -> int:
         # prepare_for_model(only_second) keeps [bos] + query and cuts sep + passage from its end.

@@ -9,8 +9,6 @@ sigmoid(raw - 12 / 2).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from rerank_server.families.base import (
     Family,
     IntArray,
@@ -68,9 +66,10 @@ def describe_mxbai(files: ModelFiles) -> ModelSpec:
 
 
 class MxbaiRows(PairTemplate):
+    document_prefix = "document: "
+
     def __init__(self, spec: ModelSpec) -> None:
-        tokenizer, _ = load_tokenizer(spec.source)
-        super().__init__(spec, tokenizer)
+        super().__init__(spec)
         self._prefix = list(spec.options["prefix_ids"])
         self._suffix = list(spec.options["suffix_ids"])
         self._separator = list(spec.options["sep_ids"])
@@ -82,16 +81,10 @@ class MxbaiRows(PairTemplate):
             if options.instruction
             else f"query: {query}"
         )
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.ids(text)
 
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         return max_length * 3 // 4
-
-    def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch(
-            ["document: " + d for d in documents], add_special_tokens=False
-        )
-        return [e.ids for e in encodings]
 
     def room(self, query_ids: list[int], max_length: int) -> int:
         # sep + document is cut from its end so the query and it hold at most max_length tokens.

@@ -10,8 +10,6 @@ equals softmax([no, yes])[1].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from rerank_server.families.base import (
     Family,
     IntArray,
@@ -58,15 +56,16 @@ def describe_qwen3(files: ModelFiles) -> ModelSpec:
 
 
 class Qwen3Rows(PairTemplate):
+    document_prefix = " "  # the body's "<Document>: " ends in it: the pre-tokenizer splits there
+
     def __init__(self, spec: ModelSpec) -> None:
-        tokenizer, _ = load_tokenizer(spec.source)
-        super().__init__(spec, tokenizer)
+        super().__init__(spec)
         self._prefix = list(spec.options["prefix_ids"])
         self._suffix = list(spec.options["suffix_ids"])
 
     def query_ids(self, query: str, options: RowOptions) -> list[int]:
         text = f"<Instruct>: {options.instruction}\n<Query>: {query}\n<Document>:"
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.ids(text)
 
     def _budget(self, max_length: int) -> int:
         """Tokens of the whole body (instruction, query and document)."""
@@ -74,10 +73,6 @@ class Qwen3Rows(PairTemplate):
 
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         return self._budget(max_length)
-
-    def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch([" " + d for d in documents], add_special_tokens=False)
-        return [e.ids for e in encodings]
 
     def room(self, query_ids: list[int], max_length: int) -> int:
         return self._budget(max_length) - len(query_ids)

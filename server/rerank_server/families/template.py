@@ -19,27 +19,35 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from rerank_server.families.base import IntArray, ModelSpec, PairTooLongError, Row, RowOptions, ScoreArray
+from rerank_server.families.loading import load_tokenizer
 from rerank_server.types import Truncation
 
 
 class PairTemplate(ABC):
     """Base of the families' row builders."""
 
-    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.tokenizer = tokenizer
+        self.tokenizer: Tokenizer = load_tokenizer(spec.source)[0]
 
-    @abstractmethod
+    def ids(self, text: str) -> list[int]:
+        """User text as token ids, without special tokens (and never parsing any)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
     def query_ids(self, query: str, options: RowOptions) -> list[int]:
         """The query part of a row as the reference tokenizes it, before any cut."""
+        return self.ids(query)
 
     @abstractmethod
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         """The most query tokens the reference keeps beside a document of document_length tokens."""
 
+    document_prefix = ""  # text the reference puts before each document ("B: ", "document: ")
+
     def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
         """The document part of each row as the reference tokenizes it, before any cut."""
-        return [e.ids for e in self.tokenizer.encode_batch(list(documents), add_special_tokens=False)]
+        texts = [self.document_prefix + document for document in documents]
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     @abstractmethod
     def room(self, query_ids: list[int], max_length: int) -> int:
