@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from rerank_server.workers.devices import ReplicaPlan, plan_replicas, visible_gpus
 
@@ -65,3 +67,29 @@ def test_a_spawned_worker_has_not_imported_torch_when_it_pins_its_device() -> No
     process.start()
     process.join(120)
     assert process.exitcode == 0
+
+
+def test_dtype_auto_is_the_familys_usual_dtype_on_a_gpu_and_float32_on_the_cpu() -> None:
+    assert {p.dtype for p in plan("auto", ["0", "1"], gpu_dtype="bfloat16")} == {"bfloat16"}
+    assert plan("auto", [], gpu_dtype="bfloat16")[0].dtype == "float32"
+    assert plan("cuda", ["0"], dtype="float16", gpu_dtype="bfloat16")[0].dtype == "float16"
+
+
+def test_each_model_is_planned_on_every_gpu_in_its_familys_dtype(
+    monkeypatch: pytest.MonkeyPatch, bert_cross_encoder_dir: Path, gemma_dir: Path
+) -> None:
+    """plan_models, as `serve` calls it before any worker starts: two GPUs made visible by
+    CUDA_VISIBLE_DEVICES (no GPU is touched), one worker per GPU for each model."""
+    from rerank_server.app import plan_models
+    from rerank_server.settings import ServerSettings
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    settings = ServerSettings.from_args(
+        ["--model", f"ce={bert_cross_encoder_dir}", "--model", f"llm={gemma_dir}"]
+    )
+    plans = {p.name: p for p in plan_models(settings)}
+    assert {name: [(r.device, r.dtype) for r in p.replicas] for name, p in plans.items()} == {
+        "ce": [("cuda:0", "float16"), ("cuda:1", "float16")],
+        "llm": [("cuda:0", "bfloat16"), ("cuda:1", "bfloat16")],
+    }
+    assert (plans["ce"].spec.family, plans["llm"].spec.family) == ("cross-encoder", "bge-reranker-gemma")

@@ -235,3 +235,25 @@ def test_detection_reads_the_architecture_then_the_name(
     assert describe_model(str(unnamed), "qwen3-reranker").family == "qwen3-reranker"
     with pytest.raises(ValueError, match="unknown model family"):
         describe_model(str(gemma_dir), "gemma-chat")
+
+
+@pytest.mark.parametrize("name", ["gemma", "qwen3", "mxbai"])
+def test_llm_scorers_run_in_bfloat16(llms: dict[str, Served], name: str) -> None:
+    """The dtype a GPU serves these in; here on the CPU: float32 scores in the full ones' order, close
+    to them (bfloat16 keeps 8 bits of mantissa, and these random weights are large)."""
+    served = llms[name]
+    rows = served.rows(SHORT_QUERY, DOCUMENTS, max_length=256)
+    full = served.score(rows)
+    half = load_scorer(served.spec, "cpu", "bfloat16").score(pack_rows(rows, served.spec))
+    assert half.dtype == np.float32
+    assert np.argsort(half).tolist() == np.argsort(full).tolist()
+    np.testing.assert_allclose(half, full, rtol=0, atol=0.1 * np.abs(full).max())
+
+
+def test_layerwise_scorer_runs_in_bfloat16(layerwise: Served) -> None:
+    rows = layerwise.rows(SHORT_QUERY, DOCUMENTS, max_length=256, cutoff_layer=4)
+    full = layerwise.score(rows)
+    half = load_scorer(layerwise.spec, "cpu", "bfloat16").score(pack_rows(rows, layerwise.spec))
+    assert half.dtype == np.float32
+    assert np.argsort(half).tolist() == np.argsort(full).tolist()
+    np.testing.assert_allclose(half, full, rtol=0, atol=0.1 * np.abs(full).max())
