@@ -60,3 +60,18 @@ def layerwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_layerwise import build_minicpm_layerwise
 
     return build_minicpm_layerwise(tmp_path_factory.mktemp("minicpm-layerwise"), layers=6, start_layer=2)
+
+
+# The max_length a sentence-transformers cross-encoder saves for itself (CrossEncoder's max_length).
+ST_MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="session")
+def st_cross_encoder_dir(bert_cross_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT cross-encoder as sentence-transformers saves one (marked as its own)."""
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(bert_cross_encoder_dir), device="cpu", max_length=ST_MAX_LENGTH)
+    path = tmp_path_factory.mktemp("st-cross-encoder")
+    model.save(str(path))
+    return path

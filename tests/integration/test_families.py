@@ -1,7 +1,8 @@
 """Every family behind one API, through the real server, its worker processes and the real client.
 
-One server serves five tiny checkpoints built by the tests (a BERT cross-encoder, bge-reranker-gemma,
-Qwen3-Reranker, mxbai-rerank-v2, minicpm-layerwise) under names of their own; each family's scores
+One server serves six tiny checkpoints built by the tests (a BERT cross-encoder, bge-reranker-gemma,
+Qwen3-Reranker, mxbai-rerank-v2, minicpm-layerwise, a sentence-transformers cross-encoder) under
+names of their own; each family's scores
 must equal its independent reference within 1e-5, in Rerank and StreamRerank alike.
 """
 
@@ -55,6 +56,7 @@ def server(
     qwen3_dir: Path,
     mxbai_dir: Path,
     layerwise_dir: Path,
+    st_cross_encoder_dir: Path,
 ) -> ServerProcess:
     return start_module_server(
         "--model", f"bert={bert_cross_encoder_dir}",
@@ -62,6 +64,7 @@ def server(
         "--model", f"qwen3={qwen3_dir}",
         "--model", f"mxbai={mxbai_dir}",
         "--model", f"layerwise={layerwise_dir}",
+        "--model", f"st={st_cross_encoder_dir}",
         "--max-chunks", "4",
         "--chunk-overlap", "8",
         "--restart-backoff-s", "0.5",
@@ -112,6 +115,35 @@ def test_llm_rerankers_score_as_their_references(
     assert [scores_by_index(normalized)[i] for i in range(len(DOCUMENTS))] == pytest.approx(
         want, abs=TOLERANCE
     )
+
+
+@pytest.mark.parametrize(("query", "max_length"), [(QUERY, 0), (QUERY, 48), (LONG_QUERY, 64)])
+def test_the_layerwise_model_scores_as_its_reference(
+    client: RerankerClient, references: dict[str, Any], query: str, max_length: int
+) -> None:
+    result = client.rerank(query, DOCUMENTS, model="layerwise", raw_scores=True, max_length=max_length)
+    expected = [references["layerwise"].layer_scores(query, d, max_length or 512)[6] for d in DOCUMENTS]
+    got = scores_by_index(result.results)
+    assert [got[i] for i in range(len(DOCUMENTS))] == pytest.approx(expected, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("query", [QUERY, LONG_QUERY])
+def test_sentence_transformers_cross_encoders_score_as_crossencoder_predict(
+    client: RerankerClient, st_cross_encoder_dir: Path, query: str
+) -> None:
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(st_cross_encoder_dir), device="cpu")
+    pairs = [(query, document) for document in DOCUMENTS]
+    raw = model.predict(pairs, activation_fn=torch.nn.Identity()).tolist()
+    result = client.rerank(query, DOCUMENTS, model="st", raw_scores=True)
+    got = scores_by_index(result.results)
+    assert [got[i] for i in range(len(DOCUMENTS))] == pytest.approx(raw, abs=TOLERANCE)
+    assert result.usage.truncated >= 1  # the long document is cut at the checkpoint's max_length (64)
+    normalized = scores_by_index(client.rerank(query, DOCUMENTS, model="st").results)
+    want = model.predict(pairs).tolist()  # sigmoid, CrossEncoder's default for one logit
+    assert [normalized[i] for i in range(len(DOCUMENTS))] == pytest.approx(want, abs=TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "mxbai"])
@@ -168,13 +200,14 @@ def test_chunking_scores_a_long_document_by_its_best_window(client: RerankerClie
 
 def test_models_are_listed_and_routed_by_name(server: ServerProcess, client: RerankerClient) -> None:
     models = {m.name: m for m in client.list_models()}
-    assert list(models) == ["bert", "gemma", "qwen3", "mxbai", "layerwise"]
+    assert list(models) == ["bert", "gemma", "qwen3", "mxbai", "layerwise", "st"]
     assert {name: m.family for name, m in models.items()} == {
         "bert": "cross-encoder",
         "gemma": "bge-reranker-gemma",
         "qwen3": "qwen3-reranker",
         "mxbai": "mxbai-rerank-v2",
         "layerwise": "minicpm-layerwise",
+        "st": "sentence-transformers-cross-encoder",
     }
     assert all(m.ready and m.replicas == 1 for m in models.values())
     assert [name for name, m in models.items() if m.takes_instruction] == ["qwen3", "mxbai"]

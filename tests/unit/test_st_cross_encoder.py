@@ -30,13 +30,8 @@ SPECIALS = 3  # [CLS] A [SEP] B [SEP]
 
 
 @pytest.fixture(scope="module")
-def st_dir(bert_cross_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sentence_transformers import CrossEncoder
-
-    model = CrossEncoder(str(bert_cross_encoder_dir), device="cpu", max_length=MAX_LENGTH)
-    path = tmp_path_factory.mktemp("st-cross-encoder")
-    model.save(str(path))
-    return path
+def st_dir(st_cross_encoder_dir: Path) -> Path:
+    return st_cross_encoder_dir
 
 
 @pytest.fixture(scope="module")
