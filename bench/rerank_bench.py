@@ -390,7 +390,13 @@ class ServerUnderTest:
     """The real `rerank-server` console script in a subprocess; killed with its workers on any error."""
 
     def __init__(
-        self, model: Path | str, replicas: int, threads: int, log_path: Path, extra: tuple[str, ...] = ()
+        self,
+        model: Path | str,
+        replicas: int,
+        threads: int,
+        log_path: Path,
+        extra: tuple[str, ...] = (),
+        devices: str = "cpu",
     ) -> None:
         """`model` is a --model value ([NAME=]SOURCE); `extra` more flags."""
         executable = Path(sys.executable).with_name("rerank-server")
@@ -401,7 +407,7 @@ class ServerUnderTest:
         command = [
             str(executable),
             "--model", str(model),
-            "--devices", "cpu",
+            "--devices", devices,
             "--cpu-replicas", str(replicas),
             "--threads-per-replica", str(threads),
             "--host", "127.0.0.1",
