@@ -189,8 +189,12 @@ def build_model_in_subprocess(path: Path, seed: int, timeout: float = 300) -> No
         raise RuntimeError(f"building the model failed (exit code {process.exitcode})")
 
 
-def make_workload(model_dir: Path, documents: int, doc_tokens: int, seed: int) -> Workload:
-    """English-like passages cut to about `doc_tokens` tokens of the model's own tokenizer."""
+def make_workload(
+    model_dir: Path, documents: int, doc_tokens: int, seed: int, *, mixed: bool = False
+) -> Workload:
+    """English-like passages cut to about `doc_tokens` tokens of the model's own tokenizer; `mixed`:
+    each passage's length drawn log-normal around `doc_tokens` instead (8 tokens to 4x it), as
+    retrieved passages come, so padding waste shows."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -202,13 +206,18 @@ def make_workload(model_dir: Path, documents: int, doc_tokens: int, seed: int) -
 
     rng = random.Random(seed)
     passages = []
+    lengths = random.Random(seed + 1)
     for _ in range(documents * PASSAGE_BLOCKS):
-        words = _prose(rng, doc_tokens * 2)
+        budget = doc_tokens
+        if mixed:  # log-normal with sigma 0.8 and mean doc_tokens
+            budget = round(lengths.lognormvariate(np.log(doc_tokens) - 0.32, 0.8))
+            budget = min(4 * doc_tokens, max(8, budget))
+        words = _prose(rng, budget * 2)
         # Longest prefix of words whose text, with its final period, fits the budget.
         low, high = 1, len(words)
         while low < high:
             middle = (low + high + 1) // 2
-            if count(" ".join(words[:middle]).rstrip(".,") + ".") <= doc_tokens:
+            if count(" ".join(words[:middle]).rstrip(".,") + ".") <= budget:
                 low = middle
             else:
                 high = middle - 1
@@ -536,6 +545,7 @@ def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str
         "batches": batches,
         "pairs_per_batch": round(delta["pairs"] / batches, 1),
         "padded_tokens_per_batch": round(delta["padded_tokens"] / batches),
+        "padded_tokens_per_pair": round(delta["padded_tokens"] / max(1.0, delta["pairs"]), 1),
         "inference_ms_per_batch": round(1000 * delta["inference_s"] / batches, 1),
     }
 
@@ -720,9 +730,10 @@ def markdown(results: list[PhaseResult]) -> str:
         )
     lines += [
         "",
-        "| setup | clients | tokens/pair | server p50 ms: tokenize / queue / inference / total "
-        "| batches: count, mean rows, mean ms | CPU s in window: front-end / workers / benchmark / other |",
-        "| --- | ---: | ---: | --- | --- | --- |",
+        "| setup | clients | tokens/pair | real/padded tokens | server p50 ms: tokenize / queue / "
+        "inference / total | batches: count, mean rows, mean ms "
+        "| CPU s in window: front-end / workers / benchmark / other |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in results:
         timings = r.server_timings_p50_ms
@@ -741,7 +752,11 @@ def markdown(results: list[PhaseResult]) -> str:
             f"{r.cpu_seconds[k]:.1f}" if k in r.cpu_seconds else "-"
             for k in ("front-end", "workers", "benchmark", "other")
         )
-        lines.append(f"| {r.setup} | {r.concurrency} | {r.tokens_per_pair} | {server} | {batches} | {cpu} |")
+        padded = b.get("padded_tokens_per_pair")
+        useful = f"{r.tokens_per_pair / padded:.2f}" if padded and r.tokens_per_pair else "-"
+        lines.append(
+            f"| {r.setup} | {r.concurrency} | {r.tokens_per_pair} | {useful} | {server} | {batches} | {cpu} |"
+        )
     return "\n".join(lines)
 
 
@@ -771,6 +786,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="existing model directory (default: build one)")
     parser.add_argument("--documents", type=int, default=20, help="passages per request")
     parser.add_argument("--doc-tokens", type=int, default=100, help="about this many tokens per passage")
+    parser.add_argument(
+        "--workload",
+        choices=("uniform", "mixed"),
+        default="uniform",
+        help="uniform: every passage about --doc-tokens; mixed: log-normal lengths around it",
+    )
     parser.add_argument("--concurrency", type=_levels, default=[1, 8], help="client threads, e.g. 1,8")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each phase")
@@ -806,7 +827,9 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = Path(scratch) / "model"
             log(f"building a MiniLM-L6-shaped cross-encoder in {model_dir}")
             build_model_in_subprocess(model_dir, args.seed)
-        workload = make_workload(model_dir, args.documents, args.doc_tokens, args.seed)
+        workload = make_workload(
+            model_dir, args.documents, args.doc_tokens, args.seed, mixed=args.workload == "mixed"
+        )
         log(f"workload: {workload.facts()}")
         if not args.no_baseline:
             log(f"baseline: {args.warmup:g} s warm-up + {args.duration:g} s")
