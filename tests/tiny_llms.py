@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 
-import torch
 from llm_reference import (
     GEMMA_PROMPT,
     MXBAI_PREFIX,
@@ -32,15 +31,12 @@ from llm_reference import (
     QWEN3_SUFFIX,
     Qwen3Reference,
 )
-from tiny_models import CORPUS
+from tiny_models import CORPUS, save_model
 from tokenizers import AddedToken
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
     GemmaTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
@@ -189,7 +185,7 @@ def build_gemma_reranker(path: str | Path, *, seed: int = 0, max_positions: int 
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    return _save(GemmaForCausalLM, config, tokenizer, Path(path), seed)
+    return save_model(GemmaForCausalLM, config, tokenizer, Path(path), seed)
 
 
 def build_qwen3_reranker(path: str | Path, *, seed: int = 0, max_positions: int = MAX_POSITIONS) -> Path:
@@ -218,7 +214,7 @@ def build_qwen3_reranker(path: str | Path, *, seed: int = 0, max_positions: int 
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    return _save(Qwen3ForCausalLM, config, tokenizer, Path(path), seed)
+    return save_model(Qwen3ForCausalLM, config, tokenizer, Path(path), seed)
 
 
 def build_mxbai_reranker(path: str | Path, *, seed: int = 0, max_positions: int = MAX_POSITIONS) -> Path:
@@ -245,24 +241,9 @@ def build_mxbai_reranker(path: str | Path, *, seed: int = 0, max_positions: int 
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    return _save(Qwen2ForCausalLM, config, tokenizer, Path(path), seed)
+    return save_model(Qwen2ForCausalLM, config, tokenizer, Path(path), seed)
 
 
 def _padded(size: int) -> int:
     """The Qwen checkpoints' embedding tables are larger than their tokenizers (151936 rows); keep that."""
     return -(-size // 64) * 64 + 64
-
-
-def _save(
-    model_class: type[PreTrainedModel],
-    config: PretrainedConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    path: Path,
-    seed: int,
-) -> Path:
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path

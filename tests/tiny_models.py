@@ -102,7 +102,7 @@ def build_bert_cross_encoder(path: str | Path, *, hidden: int = 64, layers: int 
         id2label={0: "LABEL_0"},  # one logit
         initializer_range=0.2,
     )
-    return _save(BertForSequenceClassification, config, tokenizer, Path(path), seed)
+    return save_model(BertForSequenceClassification, config, tokenizer, Path(path), seed)
 
 
 def build_xlmr_cross_encoder(path: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
@@ -137,10 +137,10 @@ def build_xlmr_cross_encoder(path: str | Path, *, hidden: int = 64, layers: int 
         id2label={0: "LABEL_0"},  # one logit
         initializer_range=0.2,
     )
-    return _save(XLMRobertaForSequenceClassification, config, tokenizer, Path(path), seed)
+    return save_model(XLMRobertaForSequenceClassification, config, tokenizer, Path(path), seed)
 
 
-def _save(
+def save_model(
     model_class: type[PreTrainedModel],
     config: PretrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
