@@ -26,6 +26,8 @@ from rerank_server.types import Truncation
 class PairTemplate(ABC):
     """Base of the families' row builders."""
 
+    document_prefix = ""  # text the reference puts before each document ("B: ", "document: ")
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.tokenizer: Tokenizer = load_tokenizer(spec.source)[0]
@@ -41,8 +43,6 @@ class PairTemplate(ABC):
     @abstractmethod
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         """The most query tokens the reference keeps beside a document of document_length tokens."""
-
-    document_prefix = ""  # text the reference puts before each document ("B: ", "document: ")
 
     def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
         """The document part of each row as the reference tokenizes it, before any cut."""
