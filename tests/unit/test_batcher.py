@@ -168,3 +168,44 @@ def test_idle_replicas_share_a_request_that_fits_one_batch() -> None:
     assert len(queue.next_batch(10.0, spread=1).pairs) == 10
     queue.push(a, pairs(a, [10] * 3, at=0.0))
     assert len(queue.next_batch(0.0, spread=4).pairs) == 1
+
+
+def test_pairs_of_similar_length_share_a_batch_across_requests() -> None:
+    queue = make_queue(tokens=1000, size=4, wait=0.0)
+    a, b = Owner("a"), Owner("b")
+    queue.push(a, pairs(a, [400, 30]))
+    queue.push(b, pairs(b, [390, 40]))
+    first = queue.next_batch(1.0).pairs
+    assert [(p.owner.name, p.length) for p in first] == [("a", 400), ("b", 390)]
+    second = queue.next_batch(1.0).pairs  # led by b now
+    assert [(p.owner.name, p.length) for p in second] == [("b", 40), ("a", 30)]
+
+
+def test_a_much_shorter_pair_waits_for_a_batch_of_its_own_length() -> None:
+    queue = make_queue(tokens=10_000, size=100, wait=0.0)
+    a = Owner("a")
+    queue.push(a, pairs(a, [400, 380, 200, 30, 20, 10]))
+    assert [p.length for p in queue.next_batch(1.0).pairs] == [400, 380, 200]  # 980 of 1200 real
+    assert [p.length for p in queue.next_batch(1.0).pairs] == [30, 20, 10]  # 30 padding tokens: joins
+
+
+def test_batches_of_mixed_lengths_from_many_requests_pad_little() -> None:
+    """Every pair leaves exactly once; each batch fits the budget and is at least 80% real tokens,
+    or carries at most 256 padding tokens."""
+    import random
+
+    rng = random.Random(0)
+    queue = make_queue(tokens=4096, size=32, wait=0.0)
+    owners = [Owner(f"o{i}") for i in range(8)]
+    for owner in owners:
+        lengths = [min(512, max(8, round(rng.lognormvariate(4.3, 0.8)))) for _ in range(20)]
+        queue.push(owner, pairs(owner, lengths))
+    seen = []
+    while len(queue):
+        batch = queue.next_batch(1.0).pairs
+        width = max(p.length for p in batch)
+        assert len(batch) * width <= 4096 and len(batch) <= 32
+        real = sum(p.length for p in batch)
+        assert real >= 0.8 * len(batch) * width or len(batch) * width - real <= 256
+        seen += [(p.owner.name, p.row.document) for p in batch]
+    assert sorted(seen) == sorted((o.name, i) for o in owners for i in range(20))

@@ -1,23 +1,33 @@
-"""Dynamic, token-budgeted batching with fairness across requests; pure logic, no I/O.
+"""Dynamic, token-budgeted, length-aware batching with fairness across requests; pure logic, no I/O.
 
-Each request's pending pairs are kept sorted by length (longest first), so a
-batch cut from one request holds pairs of similar length and pads little.
-Requests take turns leading a batch (round robin): a large request is spread
-over every free replica, yet a small request that arrives behind it leads the
-next batch instead of waiting for the large one to finish. A batch takes pairs
-while rows x longest row stays within `max_batch_tokens` and rows within
-`max_batch_size`; an unfilled batch waits up to `max_wait` for more pairs.
+Each request's pending pairs are kept sorted by length (longest first). Requests take turns
+leading a batch (round robin): the lead's longest pair sets the batch's width, and the batch takes
+the longest pairs that fit that width from every request, so pairs of similar length share a
+batch across requests and pad little. A large request is spread over every free replica, yet a
+small request that arrives behind it leads the next batch instead of waiting for the large one to
+finish. A batch takes pairs while rows x width stays within `max_batch_tokens`, rows within
+`max_batch_size`, and real tokens at least `MIN_REAL_SHARE` of the padded ones or its padding
+within `PAD_SLACK` tokens (a pair much shorter than the width waits for a batch of its own
+length); an unfilled batch waits up to `max_wait` for more pairs.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import bisect
+import heapq
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 from rerank_server.errors import OverloadedError
 from rerank_server.families.base import Row
+
+# A batch stops taking pairs where real tokens would fall under this share of its padded tokens,
+# unless its padding stays within PAD_SLACK tokens in all (too little to split a batch for).
+MIN_REAL_SHARE = 0.8
+PAD_SLACK = 256
 
 
 class PairOwner(Protocol):
@@ -62,7 +72,8 @@ class PairQueue:
         self.max_batch_size = max_batch_size
         self.max_pairs = max_pairs
         self.max_wait = max_wait
-        self._by_owner: OrderedDict[PairOwner, deque[QueuedRow]] = OrderedDict()
+        # Each owner's pairs, longest first (ties: in the order they came).
+        self._by_owner: OrderedDict[PairOwner, list[QueuedRow]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
@@ -87,7 +98,7 @@ class PairQueue:
         queued = self._by_owner.get(owner)
         if queued:
             ordered = sorted([*queued, *ordered], key=lambda p: p.length, reverse=True)
-        self._by_owner[owner] = deque(ordered)
+        self._by_owner[owner] = ordered
         self._size += added
 
     def requeue(self, pairs: Iterable[QueuedRow]) -> None:
@@ -96,8 +107,9 @@ class PairQueue:
         for pair in pairs:
             by_owner.setdefault(pair.owner, []).append(pair)
         for owner, owned in by_owner.items():
-            queue = self._by_owner.setdefault(owner, deque())
-            queue.extendleft(reversed(owned))
+            queue = self._by_owner.setdefault(owner, [])
+            for pair in reversed(owned):  # before the owner's pairs of the same length, in order
+                bisect.insort_left(queue, pair, key=_descending)
             self._by_owner.move_to_end(owner, last=False)
             self._size += len(owned)
 
@@ -133,23 +145,34 @@ class PairQueue:
                 if not owner.closed:
                     plan.expired.append(owner)
 
+        if not self._by_owner:
+            return plan
         share = -(-self._size // spread) if spread > 1 else self.max_batch_size  # ceil(size / spread)
         max_rows = min(self.max_batch_size, share)
-        rows = longest = 0
-        taken: list[tuple[PairOwner, int]] = []
+        lead = next(iter(self._by_owner))
+        width = self._by_owner[lead][0].length
+        # Every owner's pairs that fit the lead's width, merged longest first (ties: owner order).
+        starts = {
+            owner: bisect.bisect_left(queue, -width, key=_descending)
+            for owner, queue in self._by_owner.items()
+        }
+        candidates = heapq.merge(
+            *(islice(queue, starts[owner], None) for owner, queue in self._by_owner.items()), key=_descending
+        )
+        taken: list[QueuedRow] = []
+        real = 0
         full = False
-        for owner, queue in self._by_owner.items():
-            count = 0
-            for pair in queue:
-                new_longest = max(longest, pair.length)
-                if rows + 1 > max_rows or (rows + 1) * new_longest > self.max_batch_tokens:
-                    full = True
-                    break
-                rows, longest, count = rows + 1, new_longest, count + 1
-            if count:
-                taken.append((owner, count))
-            if full:
+        for pair in candidates:
+            rows = len(taken) + 1
+            if rows > max_rows or rows * width > self.max_batch_tokens:
+                full = True
                 break
+            padding = rows * width - real - pair.length
+            if padding > PAD_SLACK and real + pair.length < MIN_REAL_SHARE * rows * width:
+                full = True  # the rest are shorter still: they make batches of their own
+                break
+            taken.append(pair)
+            real += pair.length
         if not taken:
             return plan
 
@@ -158,16 +181,23 @@ class PairQueue:
             plan.wait_until = oldest + self.max_wait
             return plan
 
-        for owner, count in taken:
+        counts: dict[PairOwner, int] = {}
+        for pair in taken:
+            counts[pair.owner] = counts.get(pair.owner, 0) + 1
+        for owner in [o for o in self._by_owner if o in counts]:
             queue = self._by_owner[owner]
-            plan.pairs.extend(queue.popleft() for _ in range(count))
+            del queue[starts[owner] : starts[owner] + counts[owner]]  # a run: taken longest first
             if queue:
                 self._by_owner.move_to_end(owner)
             else:
                 del self._by_owner[owner]
-        self._size -= len(plan.pairs)
+        plan.pairs = taken
+        self._size -= len(taken)
         # The lead request goes to the back so the next batch is led by another request.
-        lead = taken[0][0]
         if lead in self._by_owner:
             self._by_owner.move_to_end(lead)
         return plan
+
+
+def _descending(pair: QueuedRow) -> int:
+    return -pair.length
