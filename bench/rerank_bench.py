@@ -48,6 +48,7 @@ MAX_REQUESTS_PER_PHASE = 100_000  # a hard bound besides the clock, whatever the
 QUERY_POOL = 16
 CONTENTION_SHARE = 0.05  # other processes' CPU, as a share of the window's CPU, that flags a phase
 PASSAGE_BLOCKS = 8  # distinct document sets; with QUERY_POOL queries, 16 distinct requests
+SORTED_ROUND = 8  # requests the sorted baseline pools, as eight clients' load would
 
 # A fixed vocabulary of common English words: sentences drawn from it tokenize like real prose
 # (mostly one WordPiece per word, some split), which is what decides the pair lengths.
@@ -328,8 +329,12 @@ def _free_port() -> int:
 # Baseline
 
 
-def run_baseline(model_dir: Path, workload: Workload, warmup: float, duration: float) -> PhaseResult:
-    """transformers tokenizer + model in this process, fp32, all cores, one request at a time."""
+def run_baseline(
+    model_dir: Path, workload: Workload, warmup: float, duration: float, sorted_batch: int = 0
+) -> PhaseResult:
+    """transformers tokenizer + model in this process, fp32, all cores: one request at a time as one
+    padded batch; or (`sorted_batch` > 0) the pairs of SORTED_ROUND requests at a time, sorted by
+    length, in padded batches of `sorted_batch` (the throughput a length-aware server can reach)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -337,19 +342,27 @@ def run_baseline(model_dir: Path, workload: Workload, warmup: float, duration: f
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def score(query: str, documents: list[str]) -> int:
+    def score_batch(queries: list[str], documents: list[str]) -> int:
         inputs = tokenizer(
-            [query] * len(documents),
-            documents,
-            padding=True,
-            truncation="only_second",
-            max_length=512,
-            return_tensors="pt",
+            queries, documents, padding=True, truncation="only_second", max_length=512, return_tensors="pt"
         )
         with torch.inference_mode():
             logits = model(**inputs).logits
         logits.view(-1).tolist()  # the scores as Python floats, as a caller would use them
         return int(inputs["attention_mask"].sum())
+
+    def score(requests: list[tuple[str, list[str]]]) -> int:
+        pairs = [(query, document) for query, documents in requests for document in documents]
+        if sorted_batch:
+            lengths = [
+                len(ids) for ids in tokenizer([q for q, _ in pairs], [d for _, d in pairs])["input_ids"]
+            ]
+            pairs = [pairs[i] for i in sorted(range(len(pairs)), key=lengths.__getitem__)]
+        step = sorted_batch or len(pairs)
+        return sum(
+            score_batch([q for q, _ in part], [d for _, d in part])
+            for part in (pairs[start : start + step] for start in range(0, len(pairs), step))
+        )
 
     me = os.getpid()
     begin = time.perf_counter()
@@ -364,14 +377,17 @@ def run_baseline(model_dir: Path, workload: Workload, warmup: float, duration: f
             break
         if cpu_before is None and now >= measure_from:
             cpu_before, busy_before = proc_cpu_seconds(me), machine_busy_seconds()
-        query, documents = workload.request(n)
-        tokens = score(query, documents)
-        samples.append(Sample(now, time.perf_counter(), len(documents), tokens=tokens))
+        round_size = SORTED_ROUND if sorted_batch else 1
+        requests = [workload.request(n * round_size + i) for i in range(round_size)]
+        tokens = score(requests)
+        pairs = sum(len(documents) for _, documents in requests)
+        samples.append(Sample(now, time.perf_counter(), pairs, tokens=tokens))
     cpu = {}
     if cpu_before is not None:
         used = (proc_cpu_seconds(me) or 0.0) - cpu_before
         cpu = {"benchmark": used, "other": max(0.0, machine_busy_seconds() - busy_before - used)}
-    result = summarize("baseline (in-process)", 1, samples, measure_from, measure_to)
+    name = f"baseline sorted, batches of {sorted_batch}" if sorted_batch else "baseline (in-process)"
+    result = summarize(name, 1, samples, measure_from, measure_to)
     result.cpu_seconds = _rounded(cpu)
     result.peak_rss_mib = {"process": round(proc_memory_mib(me).get("VmHWM", 0.0), 1)}
     return result
@@ -834,6 +850,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             log(f"baseline: {args.warmup:g} s warm-up + {args.duration:g} s")
             record(results, run_baseline(model_dir, workload, args.warmup, args.duration))
+            if args.workload == "mixed":  # the baseline a length-aware server has to meet
+                log(f"sorted baseline: {SORTED_ROUND} requests' pairs sorted by length, padded batches of 32")
+                record(
+                    results, run_baseline(model_dir, workload, args.warmup, args.duration, sorted_batch=32)
+                )
             gc.collect()  # the baseline's model is garbage now; keep it out of the server phases
         for replicas, threads in args.layouts:
             name = f"server {replicas}x{threads}"
