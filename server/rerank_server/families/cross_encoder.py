@@ -39,7 +39,7 @@ def num_labels(config: Mapping[str, Any]) -> int:
     return int(config.get("num_labels", 2))  # transformers' default
 
 
-def is_single_logit_classifier(files: ModelFiles) -> bool:
+def is_sequence_classifier(files: ModelFiles) -> bool:
     """A *ForSequenceClassification; one with several labels is refused when described."""
     return any(name.endswith("ForSequenceClassification") for name in files.architectures)
 
@@ -131,7 +131,7 @@ class SequenceClassifierScorer:
 
 FAMILY = Family(
     name=NAME,
-    detect=is_single_logit_classifier,
+    detect=is_sequence_classifier,
     describe=describe_cross_encoder,
     row_builder=CrossEncoderRows,
     scorer=SequenceClassifierScorer,

@@ -36,8 +36,7 @@ def describe_prompted(files: ModelFiles, family: str, prompt: str = PROMPT) -> M
     bos = files.config.get("bos_token_id")
     if not isinstance(bos, int):
         raise ValueError(f"{files.source!r} has no bos_token_id in its config; the recipe starts with it")
-    prompt_ids = template_ids(tokenizer, prompt)
-    separator_ids = template_ids(tokenizer, SEPARATOR)
+    prompt_ids, separator_ids = template_ids(tokenizer, prompt, SEPARATOR)
     # [bos] + query + sep + passage fill max_length + len(sep) + len(prompt); then sep + prompt again.
     overhead = 2 * (len(separator_ids) + len(prompt_ids))
     limit = position_limit(files.config) - overhead

@@ -121,11 +121,11 @@ def load_tokenizer(source: str) -> tuple[Tokenizer, int]:
     return tokenizer, pad_token_id
 
 
-def template_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A family's own template text, whose special tokens (`<|im_start|>`) are meant as such."""
-    template = Tokenizer.from_str(tokenizer.to_str())
+def template_ids(tokenizer: Tokenizer, *texts: str) -> list[list[int]]:
+    """A family's own template texts, whose special tokens (`<|im_start|>`) are meant as such."""
+    template = Tokenizer.from_str(tokenizer.to_str())  # one copy with special-token parsing on
     template.encode_special_tokens = False
-    return template.encode(text, add_special_tokens=False).ids
+    return [template.encode(text, add_special_tokens=False).ids for text in texts]
 
 
 def single_token(tokenizer: Tokenizer, text: str) -> int:

@@ -40,10 +40,9 @@ DEFAULT_MAX_LENGTH = 8192
 
 def describe_mxbai(files: ModelFiles) -> ModelSpec:
     tokenizer, pad_token_id = load_tokenizer(files.source)
-    pieces = {
-        name: tuple(template_ids(tokenizer, text))
-        for name, text in (("prefix", PREFIX), ("suffix", SUFFIX), ("sep", SEPARATOR), ("task", TASK_PROMPT))
-    }
+    names = ("prefix", "suffix", "sep", "task")
+    texts = template_ids(tokenizer, PREFIX, SUFFIX, SEPARATOR, TASK_PROMPT)
+    pieces = {name: tuple(ids) for name, ids in zip(names, texts, strict=True)}
     predefined = sum(len(ids) for ids in pieces.values())
     limit = position_limit(files.config) - predefined
     if limit < 8:

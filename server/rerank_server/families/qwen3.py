@@ -35,7 +35,7 @@ DEFAULT_MAX_LENGTH = 8192
 
 def describe_qwen3(files: ModelFiles) -> ModelSpec:
     tokenizer, pad_token_id = load_tokenizer(files.source)
-    prefix_ids, suffix_ids = template_ids(tokenizer, PREFIX), template_ids(tokenizer, SUFFIX)
+    prefix_ids, suffix_ids = template_ids(tokenizer, PREFIX, SUFFIX)
     limit = position_limit(files.config)
     template = len(prefix_ids) + len(suffix_ids)
     return ModelSpec(

@@ -16,7 +16,7 @@ from rerank_server.families.cross_encoder import (
     CrossEncoderRows,
     SequenceClassifierScorer,
     describe_cross_encoder,
-    is_single_logit_classifier,
+    is_sequence_classifier,
 )
 from rerank_server.families.loading import model_file, read_json
 
@@ -24,7 +24,7 @@ NAME = "sentence-transformers-cross-encoder"
 
 
 def is_st_cross_encoder(files: ModelFiles) -> bool:
-    if not is_single_logit_classifier(files):
+    if not is_sequence_classifier(files):
         return False
     marked = "sbert_ce_default_activation_function" in files.config
     return marked or model_file(files.source, "config_sentence_transformers.json") is not None

@@ -46,7 +46,6 @@ class PoolListener(Protocol):
 
 @dataclass
 class Replica:
-    index: int
     name: str  # in logs: the model's label and the replica's index, e.g. "m0/1"
     plan: ReplicaPlan
     segments: list[OwnedSegment]
@@ -83,7 +82,6 @@ class WorkerPool:
         self._stopping = False
         self.replicas = [
             Replica(
-                i,
                 f"{label}/{i}",
                 plan,
                 [OwnedSegment(layout, f"{label}w{i}s{s}-") for s in range(SEGMENTS_PER_REPLICA)],
