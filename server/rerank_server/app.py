@@ -30,7 +30,7 @@ from rerank_server.scheduling.scheduler import Scheduler
 from rerank_server.service.rerank import RequestLimits, RerankService
 from rerank_server.settings import ServerSettings
 from rerank_server.transport.shm import SegmentLayout
-from rerank_server.workers.devices import ReplicaPlan, plan_replicas, visible_gpus
+from rerank_server.workers.devices import ReplicaPlan, cpu_has_native_bf16, plan_replicas, visible_gpus
 from rerank_server.workers.pool import WorkerPool
 
 log = logging.getLogger("rerank_server")
@@ -105,6 +105,7 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
     gpus = visible_gpus()
+    cpu_bf16 = cpu_has_native_bf16()
     plans = []
     for choice in choices:
         try:
@@ -118,6 +119,7 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
                 gpus=gpus,
                 cpu_count=os.cpu_count() or 1,
                 gpu_dtype=family_of(spec.family).gpu_dtype,
+                cpu_bf16=cpu_bf16,
             )
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot serve model {choice.source!r}: {exc}") from exc
@@ -161,6 +163,8 @@ async def serve(settings: ServerSettings) -> None:
     plans = plan_models(settings)
     for position, plan in enumerate(plans):
         log.info("model %r (%s, %s): replicas m%d/*", plan.name, plan.spec.family, plan.spec.source, position)
+    if settings.scorer != "model":
+        log.warning("scorer=%s: the workers return stand-in scores, not the model's", settings.scorer)
     metrics = Metrics()
     pools = [
         WorkerPool(
@@ -170,6 +174,7 @@ async def serve(settings: ServerSettings) -> None:
             restart_backoff_s=settings.restart_backoff_s,
             label=f"m{position}",
             log_level=settings.log_level,
+            stand_in=settings.stand_in(),
             on_restart=metrics.worker_restarts.inc,
         )
         for position, plan in enumerate(plans)
@@ -191,7 +196,9 @@ async def serve(settings: ServerSettings) -> None:
                 settings.max_queued_pairs,
                 settings.max_wait_ms / 1000,
             )
-            scheduler = Scheduler(plan.spec, queue, pool, metrics.for_model(plan.name))
+            scheduler = Scheduler(
+                plan.spec, queue, pool, metrics.for_model(plan.name), settings.bulk_batch_ms / 1000
+            )
             schedulers.append(scheduler)
             served.append(
                 ServedModel(

@@ -53,6 +53,12 @@ class Metrics:
             buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
             registry=r,
         )
+        self.batch_real_tokens = Counter(
+            "rerank_batch_real_tokens",
+            "Real tokens batched; against rerank_batch_padded_tokens_sum, the share not padding",
+            model,
+            registry=r,
+        )
         self.inference_seconds = Histogram(
             "rerank_batch_inference_seconds",
             "Model time per batch",
@@ -91,6 +97,7 @@ class ModelMetrics:
         self.batches = metrics.batches.labels(model)
         self.batch_pairs = metrics.batch_pairs.labels(model)
         self.batch_tokens = metrics.batch_tokens.labels(model)
+        self.batch_real_tokens = metrics.batch_real_tokens.labels(model)
         self.inference_seconds = metrics.inference_seconds.labels(model)
         self.replicas_ready = metrics.replicas_ready.labels(model)
         self.batches_lost = metrics.batches_lost.labels(model)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rerank_server.families.base import DEFAULT_MODEL
+from rerank_server.workers.stand_in import StandIn
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="Weights and activations; auto = the family's usual dtype on a GPU (float16 for "
-        "encoders, bfloat16 for LLM rerankers), float32 on the CPU.",
+        "encoders, bfloat16 for LLM rerankers); on the CPU bfloat16 where it has native bfloat16 units "
+        "(AMX or AVX512-BF16), else float32. float32 keeps full precision everywhere.",
     )
     max_length: int = Field(
         0, ge=0, description="Default token budget of one pair (0 = the model's own default)."
@@ -74,6 +76,12 @@ class ServerSettings(BaseSettings):
     )
     max_batch_size: int = Field(128, ge=1, description="Most pairs in one batch.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for a fuller batch.")
+    bulk_batch_ms: float = Field(
+        100.0,
+        gt=0,
+        description="A StreamRerank batch holds about this much work (at the replicas' measured "
+        "speed), so an interactive Rerank waits at most about this long behind a stream.",
+    )
     max_queued_pairs: int = Field(
         200_000, ge=1, description="Queue bound; past it requests fail at once with RESOURCE_EXHAUSTED."
     )
@@ -96,6 +104,15 @@ class ServerSettings(BaseSettings):
     max_chunks: int = Field(
         10, ge=1, description="TRUNCATION_CHUNK: most windows scored per document; the rest is cut."
     )
+    scorer: Literal["model", "null", "simulated"] = Field(
+        "model",
+        description="model = score with the model. For measuring the server alone: null = workers "
+        "return a cheap deterministic score without running the model; simulated = that, after a sleep "
+        "of --simulated-us-per-token per padded token of the batch (a device that uses no CPU).",
+    )
+    simulated_us_per_token: float = Field(
+        2.0, ge=0, description="scorer=simulated: microseconds per padded token of a batch."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
     @field_validator("model", "family", mode="before")
@@ -107,6 +124,12 @@ class ServerSettings(BaseSettings):
         if isinstance(value, list) and any(isinstance(v, str) and "," in v for v in value):
             return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         return value
+
+    def stand_in(self) -> StandIn | None:
+        """What the workers run instead of the model, if anything."""
+        if self.scorer == "model":
+            return None
+        return StandIn(self.scorer, self.simulated_us_per_token)
 
     def models(self) -> list[ModelChoice]:
         """The models to serve, in order; raises ValueError for settings that cannot be met."""

@@ -65,6 +65,7 @@ def server(
         "--model", f"mxbai={mxbai_dir}",
         "--model", f"layerwise={layerwise_dir}",
         "--model", f"st={st_cross_encoder_dir}",
+        "--dtype", "float32",  # scores are compared with float32 references
         "--max-chunks", "4",
         "--chunk-overlap", "8",
         "--restart-backoff-s", "0.5",

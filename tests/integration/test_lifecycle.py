@@ -24,7 +24,12 @@ RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def tiny_server(start: StartServer, model: Path, *extra: str) -> ServerProcess:
-    return start("--model", str(model), "--cpu-replicas", "2", "--restart-backoff-s", "0.5", *extra)
+    # float32: scores are compared across calls within 1e-5, which bfloat16's batch-dependent
+    # rounding would not keep.
+    return start(
+        "--model", str(model), "--dtype", "float32", "--cpu-replicas", "2", "--restart-backoff-s", "0.5",
+        *extra,
+    )  # fmt: skip
 
 
 def wait_until(condition, timeout: float, what: str) -> float:

@@ -74,6 +74,7 @@ DOCUMENTS = [
 def server(start_module_server: StartServer, bert_cross_encoder_dir: Path) -> ServerProcess:
     return start_module_server(
         "--model", f"tiny-bert={bert_cross_encoder_dir}",
+        "--dtype", "float32",  # scores are compared with float32 references
         "--cpu-replicas", "2",
         "--max-documents", "20000",
         "--max-queued-pairs", "25000",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rerank_server.workers.devices import ReplicaPlan, plan_replicas, visible_gpus
+from rerank_server.workers.devices import ReplicaPlan, cpu_has_native_bf16, plan_replicas, visible_gpus
 
 
 def plan(devices: str, gpus: list[str], **kwargs: object) -> list[ReplicaPlan]:
@@ -73,6 +73,31 @@ def test_dtype_auto_is_the_familys_usual_dtype_on_a_gpu_and_float32_on_the_cpu()
     assert {p.dtype for p in plan("auto", ["0", "1"], gpu_dtype="bfloat16")} == {"bfloat16"}
     assert plan("auto", [], gpu_dtype="bfloat16")[0].dtype == "float32"
     assert plan("cuda", ["0"], dtype="float16", gpu_dtype="bfloat16")[0].dtype == "float16"
+
+
+def test_dtype_auto_is_bfloat16_on_a_cpu_with_native_bfloat16_units_unless_float32_is_asked() -> None:
+    assert plan("cpu", [], cpu_bf16=True)[0].dtype == "bfloat16"
+    assert plan("cpu", [], cpu_bf16=True, dtype="float32")[0].dtype == "float32"
+    assert plan("auto", ["0"], cpu_bf16=True)[0].dtype == "float16"  # a GPU keeps its own
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+flags\t\t: fpu sse2 avx2 avx512f {extra}
+bugs\t\t: spectre_v1
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "native"),
+    [("amx_bf16 amx_tile", True), ("avx512_bf16", True), ("avx512bw avx512_vnni", False), ("", False)],
+)
+def test_native_bfloat16_is_read_from_the_cpu_flags(extra: str, native: bool) -> None:
+    assert cpu_has_native_bf16(CPUINFO.format(vendor="GenuineIntel", extra=extra)) is native
+
+
+def test_no_flags_line_means_no_native_bfloat16() -> None:
+    assert cpu_has_native_bf16("processor\t: 0\nmodel name\t: some arm core\n") is False
 
 
 def test_each_model_is_planned_on_every_gpu_in_its_familys_dtype(

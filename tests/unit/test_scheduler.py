@@ -28,8 +28,8 @@ class FakePool:
     def idle_count(self) -> int:
         return sum(n == self.slots for n in self.free.values()) if self.ready_count else 0
 
-    def idle_replica(self) -> int | None:
-        idle = [r for r, n in self.free.items() if n > 0]
+    def idle_replica(self, *, busy_ok: bool = True) -> int | None:
+        idle = [r for r, n in self.free.items() if n > 0 and (busy_ok or n == self.slots)]
         return idle[0] if idle and self.ready_count else None
 
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
@@ -205,3 +205,27 @@ async def test_stopping_fails_queued_and_in_flight_requests() -> None:
     for ticket in (running, waiting):
         with pytest.raises(NoReplicaError, match="stopping"):
             await ticket.wait_until_pending_at_most(0)
+
+
+async def test_bulk_batches_are_cut_to_the_measured_speed_and_skip_busy_replicas() -> None:
+    pool = FakePool(replicas=1, slots=2)
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=100, max_pairs=1000, max_wait=0.0)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"), bulk_batch_s=0.1)
+    stream = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    scheduler.submit(stream, encoded(list(range(1, 41)), length=10))
+    # Untimed yet: at most FIRST_BULK_TOKENS; and one batch only, though the replica has two slots.
+    assert [batch.rows for _, _, batch in pool.sent] == [40]
+    assert sample(metrics, "rerank_batch_real_tokens_total") == 400
+    replica, batch_id, batch = pool.sent.pop()
+    pool.free[replica] += 1
+    scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), 0.4)  # 400 tokens in 0.4 s
+    assert scheduler.tokens_per_s == pytest.approx(1000)
+    assert scheduler.bulk_max_tokens() == 100  # 0.1 s of work
+    scheduler.submit(stream, encoded(list(range(1, 41)), length=10, first_index=40))
+    assert [batch.rows for _, _, batch in pool.sent] == [10]  # 100 tokens, one batch in flight
+
+    call = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(call, encoded([7, 8, 9], length=10))
+    (_, _, interactive) = pool.sent[-1]  # beside the bulk batch, in the second slot
+    assert len(pool.sent) == 2 and interactive.rows == 3

@@ -39,7 +39,7 @@ class FakePool:
     def idle_count(self) -> int:
         return sum(self.free.values()) if self.ready_count else 0
 
-    def idle_replica(self) -> int | None:
+    def idle_replica(self, *, busy_ok: bool = True) -> int | None:  # one slot: idle is empty
         idle = [r for r, free in self.free.items() if free]
         return idle[0] if idle and self.ready_count else None
 
@@ -105,8 +105,10 @@ class RecordingScheduler(Scheduler):
         on_scores: ScoreSink,
         timeout: float | None,
         on_failure: Callable[[RerankServerError], None] | None = None,
+        *,
+        bulk: bool = False,
     ) -> Ticket:
-        self.ticket = super().open(on_scores, timeout, on_failure)
+        self.ticket = super().open(on_scores, timeout, on_failure, bulk=bulk)
         return self.ticket
 
 
@@ -187,6 +189,7 @@ async def test_every_score_once_then_the_top_n_by_raw_score_with_texts_and_usage
     assert final.model == "m"
     assert final.usage == Usage(documents=7, tokens=9 * ROW_LENGTH, truncated=1, chunked=1, windows=9)
     assert rig.scheduler.ticket.closed
+    assert rig.scheduler.ticket.bulk  # a stream yields to interactive calls
 
 
 @pytest.mark.parametrize("raw_scores", [True, False])

@@ -47,7 +47,8 @@ class PairTemplate(ABC):
     def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
         """The document part of each row as the reference tokenizes it, before any cut."""
         texts = [self.document_prefix + document for document in documents]
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast: no character offsets, which rows never use; a fifth less CPU.
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
     @abstractmethod
     def room(self, query_ids: list[int], max_length: int) -> int:

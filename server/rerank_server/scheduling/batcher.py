@@ -1,4 +1,4 @@
-"""Dynamic, token-budgeted, length-aware batching with fairness across requests; pure logic, no I/O.
+"""Dynamic, token-budgeted, length-aware batching with priority and fairness; pure logic, no I/O.
 
 Each request's pending pairs are kept sorted by length (longest first). Requests take turns
 leading a batch (round robin): the lead's longest pair sets the batch's width, and the batch takes
@@ -9,6 +9,10 @@ finish. A batch takes pairs while rows x width stays within `max_batch_tokens`, 
 `max_batch_size`, and real tokens at least `MIN_REAL_SHARE` of the padded ones or its padding
 within `PAD_SLACK` tokens (a pair much shorter than the width waits for a batch of its own
 length); an unfilled batch waits up to `max_wait` for more pairs.
+
+Interactive requests come before bulk ones (streams): while any interactive pair is queued,
+batches hold interactive pairs only, and a bulk batch may be held to fewer tokens (the scheduler
+sizes it to a short time), so an interactive request never waits long behind bulk work.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rerank_server.families.base import Row
 
 # A batch stops taking pairs where real tokens would fall under this share of its padded tokens,
 # unless its padding stays within PAD_SLACK tokens in all (too little to split a batch for).
-MIN_REAL_SHARE = 0.8
+MIN_REAL_SHARE = 0.9
 PAD_SLACK = 256
 
 
@@ -38,6 +42,11 @@ class PairOwner(Protocol):
 
     @property
     def closed(self) -> bool: ...
+
+    @property
+    def bulk(self) -> bool:
+        """Bulk work (a stream) yields to interactive requests."""
+        ...
 
 
 class QueuedRow:
@@ -127,16 +136,20 @@ class PairQueue:
         self._size = 0
         return owners
 
-    def oldest_enqueued_at(self) -> float | None:
-        return min((q[0].enqueued_at for q in self._by_owner.values() if q), default=None)
+    def has_interactive(self) -> bool:
+        """Whether the next batch will be an interactive one."""
+        return any(not owner.bulk for owner in self._by_owner)
 
-    def next_batch(self, now: float, *, flush: bool = False, spread: int = 1) -> BatchPlan:
+    def next_batch(
+        self, now: float, *, flush: bool = False, spread: int = 1, bulk_max_tokens: int | None = None
+    ) -> BatchPlan:
         """Cut the next batch. Pairs of closed or expired owners are dropped, never batched.
 
         `spread` idle replicas share the queued pairs: a batch takes at most its share, so a
         request that would fit one batch still runs on every idle replica at once. A batch that
         is not full is held (empty plan with `wait_until`) until its oldest pair has waited
-        `max_wait`, unless `flush` is set.
+        `max_wait`, unless `flush` is set. A bulk batch holds at most `bulk_max_tokens` padded
+        tokens (and always one pair).
         """
         plan = BatchPlan()
         for owner in list(self._by_owner):
@@ -147,24 +160,30 @@ class PairQueue:
 
         if not self._by_owner:
             return plan
-        share = -(-self._size // spread) if spread > 1 else self.max_batch_size  # ceil(size / spread)
+        # Interactive owners alone while they have pairs; else the bulk ones.
+        owners = [owner for owner in self._by_owner if not owner.bulk] or list(self._by_owner)
+        max_tokens = self.max_batch_tokens
+        if owners[0].bulk and bulk_max_tokens is not None:
+            max_tokens = min(max_tokens, bulk_max_tokens)
+        size = sum(len(self._by_owner[owner]) for owner in owners)
+        share = -(-size // spread) if spread > 1 else self.max_batch_size  # ceil(size / spread)
         max_rows = min(self.max_batch_size, share)
-        lead = next(iter(self._by_owner))
+        lead = owners[0]
         width = self._by_owner[lead][0].length
+        max_tokens = max(max_tokens, width)
         # Every owner's pairs that fit the lead's width, merged longest first (ties: owner order).
         starts = {
-            owner: bisect.bisect_left(queue, -width, key=_descending)
-            for owner, queue in self._by_owner.items()
+            owner: bisect.bisect_left(self._by_owner[owner], -width, key=_descending) for owner in owners
         }
         candidates = heapq.merge(
-            *(islice(queue, starts[owner], None) for owner, queue in self._by_owner.items()), key=_descending
+            *(islice(self._by_owner[owner], starts[owner], None) for owner in owners), key=_descending
         )
         taken: list[QueuedRow] = []
         real = 0
         full = False
         for pair in candidates:
             rows = len(taken) + 1
-            if rows > max_rows or rows * width > self.max_batch_tokens:
+            if rows > max_rows or rows * width > max_tokens:
                 full = True
                 break
             padding = rows * width - real - pair.length
@@ -176,15 +195,15 @@ class PairQueue:
         if not taken:
             return plan
 
-        oldest = self.oldest_enqueued_at()
-        if oldest is not None and not (full or flush or now >= oldest + self.max_wait):
+        oldest = min(self._by_owner[owner][0].enqueued_at for owner in owners)
+        if not (full or flush or now >= oldest + self.max_wait):
             plan.wait_until = oldest + self.max_wait
             return plan
 
         counts: dict[PairOwner, int] = {}
         for pair in taken:
             counts[pair.owner] = counts.get(pair.owner, 0) + 1
-        for owner in [o for o in self._by_owner if o in counts]:
+        for owner in [o for o in owners if o in counts]:
             queue = self._by_owner[owner]
             del queue[starts[owner] : starts[owner] + counts[owner]]  # a run: taken longest first
             if queue:

@@ -2,6 +2,11 @@
 
 Event driven on the server's event loop: every change (pairs queued, a replica
 freed or ready, a batch's wait elapsed) pumps the queue into idle replicas.
+
+Bulk work (streams) is kept short in time so that interactive requests get through it: a bulk
+batch holds about `bulk_batch_s` of work at the replicas' measured speed (padded tokens per
+second), and goes only to a replica with nothing in flight, so a new interactive request waits at
+most for one such batch.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ class Replicas(Protocol):
         """Ready replicas with no batch at all: they would sit still without work."""
         ...
 
-    def idle_replica(self) -> object | None: ...
+    def idle_replica(self, *, busy_ok: bool = True) -> object | None:
+        """A ready replica with room for a batch; with busy_ok False, only one with none in flight."""
+        ...
 
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None: ...
 
@@ -58,8 +65,10 @@ class Ticket:
         on_scores: ScoreSink,
         now: float,
         on_failure: Callable[[RerankServerError], None] | None = None,
+        bulk: bool = False,
     ) -> None:
         self.deadline = deadline
+        self.bulk = bulk
         self.closed = False
         self.error: RerankServerError | None = None
         self.pending = 0
@@ -96,16 +105,31 @@ class Ticket:
         self.raise_if_failed()
 
 
+# Until a batch has been timed, a bulk batch holds at most this many padded tokens.
+FIRST_BULK_TOKENS = 2048
+# Weight of the latest batch in the replicas' speed (padded tokens per second), a moving average.
+SPEED_WEIGHT = 0.2
+
+
 class Scheduler:
-    def __init__(self, spec: ModelSpec, queue: PairQueue, replicas: Replicas, metrics: ModelMetrics) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        queue: PairQueue,
+        replicas: Replicas,
+        metrics: ModelMetrics,
+        bulk_batch_s: float = 0.1,
+    ) -> None:
         self._spec = spec
         self._queue = queue
         self._replicas = replicas
         self._metrics = metrics
+        self._bulk_batch_s = bulk_batch_s
         self._loop = asyncio.get_running_loop()
         self._batch_ids = count()
-        self._in_flight: dict[int, list[QueuedRow]] = {}
+        self._in_flight: dict[int, tuple[list[QueuedRow], int]] = {}  # batch id -> pairs, padded tokens
         self._timer: asyncio.TimerHandle | None = None
+        self.tokens_per_s: float | None = None  # one replica's measured speed
 
     def now(self) -> float:
         return self._loop.time()
@@ -115,11 +139,14 @@ class Scheduler:
         on_scores: ScoreSink,
         timeout: float | None,
         on_failure: Callable[[RerankServerError], None] | None = None,
+        *,
+        bulk: bool = False,
     ) -> Ticket:
         """A request's ticket; on_failure hears of its failure at once, for callers that are not
-        waiting on the ticket when it fails (a stream waiting for the client's next message)."""
+        waiting on the ticket when it fails (a stream waiting for the client's next message).
+        A bulk request's pairs wait while interactive ones are queued."""
         now = self.now()
-        return Ticket(None if timeout is None else now + timeout, on_scores, now, on_failure)
+        return Ticket(None if timeout is None else now + timeout, on_scores, now, on_failure, bulk)
 
     def submit(self, ticket: Ticket, rows: Sequence[Row], *, admit_over_limit: bool = False) -> None:
         """Queue a request's rows; raises OverloadedError or NoReplicaError at once."""
@@ -152,10 +179,18 @@ class Scheduler:
             self._metrics.pairs_dropped("deadline" if expired else "cancelled").inc(dropped)
             self._metrics.queued_pairs.set(len(self._queue))
 
+    def bulk_max_tokens(self) -> int:
+        """The padded tokens a bulk batch may hold: about bulk_batch_s of one replica's work."""
+        if self.tokens_per_s is None:
+            return FIRST_BULK_TOKENS
+        return max(1, int(self.tokens_per_s * self._bulk_batch_s))
+
     def pump(self) -> None:
         """Fill idle replicas with batches while there is work."""
-        while (replica := self._replicas.idle_replica()) is not None:
-            plan = self._queue.next_batch(self.now(), spread=self._replicas.idle_count)
+        while (replica := self._replicas.idle_replica(busy_ok=self._queue.has_interactive())) is not None:
+            plan = self._queue.next_batch(
+                self.now(), spread=self._replicas.idle_count, bulk_max_tokens=self.bulk_max_tokens()
+            )
             for owner in plan.expired:
                 _ticket(owner).fail(DeadlineExceededError("deadline passed while queued"))
             if plan.dropped_pairs:
@@ -187,18 +222,24 @@ class Scheduler:
             if ticket.first_dispatch_at is None:
                 ticket.first_dispatch_at = now
                 self._metrics.queue_seconds.observe(now - ticket.opened_at)
-        self._in_flight[batch_id] = pairs
+        self._in_flight[batch_id] = (pairs, batch.rows * batch.width)
         self._metrics.batches.inc()
         self._metrics.batch_pairs.observe(batch.rows)
         self._metrics.batch_tokens.observe(batch.rows * batch.width)
+        self._metrics.batch_real_tokens.inc(len(batch.tokens["input_ids"]))
         self._replicas.dispatch(replica, batch_id, batch)
 
     # Called by the worker pool, on the event loop.
 
     def on_batch_done(self, batch_id: int, scores: npt.NDArray[np.float32], seconds: float) -> None:
-        pairs = self._in_flight.pop(batch_id, None)
-        if pairs is None:
+        done = self._in_flight.pop(batch_id, None)
+        if done is None:
             return
+        pairs, padded = done
+        if seconds > 0:
+            speed = padded / seconds
+            previous = self.tokens_per_s
+            self.tokens_per_s = speed if previous is None else previous + SPEED_WEIGHT * (speed - previous)
         self._metrics.pairs_scored.inc(len(pairs))
         self._metrics.inference_seconds.observe(seconds)
         now = self.now()
@@ -214,9 +255,10 @@ class Scheduler:
 
     def on_batch_lost(self, batch_id: int, reason: str) -> None:
         """A replica died (or failed) holding a batch: run its pairs again once, elsewhere."""
-        pairs = self._in_flight.pop(batch_id, None)
-        if pairs is None:
+        lost = self._in_flight.pop(batch_id, None)
+        if lost is None:
             return
+        pairs = lost[0]
         self._metrics.batches_lost.inc()
         retry = []
         for pair in pairs:
@@ -245,7 +287,7 @@ class Scheduler:
         """Fail every request still waiting (the server is stopping)."""
         for owner in self._queue.drain():
             _ticket(owner).fail(error)
-        for pairs in self._in_flight.values():
+        for pairs, _ in self._in_flight.values():
             for pair in pairs:
                 _ticket(pair.owner).fail(error)
         self._in_flight.clear()

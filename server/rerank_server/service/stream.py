@@ -54,7 +54,7 @@ class StreamSession:
         started = time.perf_counter()
         scheduler = self._prepared.model.scheduler
         # A failure reaches the response side at once, even while the reader waits on the client.
-        ticket = scheduler.open(self._collect, timeout, on_failure=self._events.put_nowait)
+        ticket = scheduler.open(self._collect, timeout, on_failure=self._events.put_nowait, bulk=True)
         reader = asyncio.create_task(self._read_all(ticket, more_documents))
         try:
             while (event := await self._events.get()) is not None:

@@ -53,6 +53,26 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     return [line.strip() for line in listing.stdout.splitlines() if line.strip()]
 
 
+# CPU flags of native bfloat16 matrix instructions (Intel AMX, Intel/AMD AVX512-BF16): with them
+# torch runs a bfloat16 model about 2-3x as fast as a float32 one; without them bfloat16 is slower.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the given /proc/cpuinfo text) has native bfloat16 matrix units."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
+    return False
+
+
 def plan_replicas(
     devices: str,
     *,
@@ -62,9 +82,11 @@ def plan_replicas(
     gpus: list[str],
     cpu_count: int,
     gpu_dtype: str = "float16",
+    cpu_bf16: bool = False,
 ) -> list[ReplicaPlan]:
     """One plan per worker process of one model. dtype "auto" is gpu_dtype (the family's usual one)
-    on a GPU and float32 on the CPU. Raises ValueError for a devices setting that cannot be met."""
+    on a GPU, and on the CPU bfloat16 where it has native bfloat16 units (cpu_bf16), else float32.
+    Raises ValueError for a devices setting that cannot be met."""
     choice = devices.strip().lower()
     if choice == "auto":
         chosen = gpus
@@ -84,6 +106,6 @@ def plan_replicas(
     if chosen:
         chosen_dtype = gpu_dtype if dtype == "auto" else dtype
         return [ReplicaPlan(f"cuda:{gpu}", "cuda:0", gpu, chosen_dtype, 0) for gpu in chosen]
-    cpu_dtype = "float32" if dtype == "auto" else dtype
+    cpu_dtype = ("bfloat16" if cpu_bf16 else "float32") if dtype == "auto" else dtype
     threads = threads_per_replica or max(1, cpu_count // cpu_replicas)
     return [ReplicaPlan("cpu", "cpu", "", cpu_dtype, threads) for _ in range(cpu_replicas)]

@@ -27,6 +27,7 @@ import numpy.typing as npt
 from rerank_server.families.base import ModelSpec, TokenBatch
 from rerank_server.transport.shm import OwnedSegment, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
+from rerank_server.workers.stand_in import StandIn
 from rerank_server.workers.worker import BatchDone, BatchFailed, Ready, StartFailed, WorkerConfig, run_worker
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ class WorkerPool:
         restart_backoff_s: float,
         label: str = "m0",
         log_level: str = "INFO",
+        stand_in: StandIn | None = None,
         on_restart: Callable[[], None] = lambda: None,
     ) -> None:
         self._spec = spec
         self._layout = layout
         self._restart_backoff_s = restart_backoff_s
         self._log_level = log_level
+        self._stand_in = stand_in
         self._on_restart = on_restart
         self._context = multiprocessing.get_context("spawn")
         self._listener: PoolListener | None = None
@@ -103,9 +106,14 @@ class WorkerPool:
         for replica in self.replicas:
             self._spawn(replica)
 
-    def idle_replica(self) -> Replica | None:
-        """The ready replica with the most free segments (spreads batches over replicas)."""
-        candidates = [r for r in self.replicas if r.state == "ready" and r.free_segments]
+    def idle_replica(self, *, busy_ok: bool = True) -> Replica | None:
+        """The ready replica with the most free segments (spreads batches over replicas); with
+        busy_ok False, only one with no batch in flight."""
+        candidates = [
+            r
+            for r in self.replicas
+            if r.state == "ready" and r.free_segments and (busy_ok or not r.in_flight)
+        ]
         return max(candidates, key=lambda r: len(r.free_segments), default=None)
 
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
@@ -162,6 +170,7 @@ class WorkerPool:
             tuple(s.name for s in replica.segments),
             self._layout,
             self._log_level,
+            self._stand_in,
         )
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(

@@ -19,6 +19,7 @@ import numpy as np
 from rerank_server.families.base import ModelSpec, Row, Scorer, pack_rows
 from rerank_server.transport.shm import AttachedSegment, BatchDescriptor, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
+from rerank_server.workers.stand_in import StandIn
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class WorkerConfig:
     segment_names: tuple[str, ...]
     layout: SegmentLayout
     log_level: str = "INFO"
+    stand_in: StandIn | None = None  # a model's stand-in (measuring the server alone): no weights
 
 
 # Messages a worker sends to the front-end.
@@ -87,6 +89,10 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
 
 
 def _load(config: WorkerConfig) -> Scorer:
+    if config.stand_in is not None:
+        log.info("replica ready: %s stand-in, no model", config.stand_in.kind)
+        return config.stand_in
+
     import torch
 
     from rerank_server.families import load_scorer
