@@ -5,7 +5,7 @@ Two measurements, each through the real server and against a raw in-process base
   with the tests' builder) at a low and at the last cutoff layer; their ratio is the saving a
   request's `cutoff_layer` buys. The baseline calls the model implementation directly on the same rows.
 - chunking: documents longer than max_length, scored with TRUNCATION_END and TRUNCATION_CHUNK on
-  the MiniLM-L6-shaped cross-encoder of rerank_bench.py; the baseline is transformers' own
+  the MiniLM-L6-shaped cross-encoder of rerank_bench; the baseline is transformers' own
   truncating tokenizer and model, one request at a time.
 
 Usage: .venv/bin/python bench/families_bench.py [--duration 10] [--warmup 2]
@@ -24,18 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rerank_bench import (
-    MAX_REQUESTS_PER_PHASE,
-    ServerUnderTest,
-    build_model_in_subprocess,
-    log,
-    machine_facts,
-    make_workload,
-)
+from rerank_bench import log
+from rerank_bench.harness import ServerProcess
+from rerank_bench.loadgen import MAX_REQUESTS
+from rerank_bench.machine import machine_facts
+from rerank_bench.model import build_model_in_subprocess
+from rerank_bench.workloads import Shape, TokenCounter, make_workload
 from rerank_client import RerankerClient
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "families.json"
+# The server runs in float32, as the baselines here do: these figures compare options, not dtypes.
+FLOAT32 = ("--dtype", "float32")
 LAYERWISE_SHAPE = {"hidden": 256, "layers": 16, "start_layer": 4}  # 16 heads of 16; MiniCPM's ratios
 DOCUMENTS_PER_REQUEST = 16
 MIN_REQUESTS = 3
@@ -52,7 +52,7 @@ def timed_loop(call: Callable[[int], int], warmup: float, duration: float) -> di
     started = time.perf_counter()
     pairs = requests = 0
     while requests < MIN_REQUESTS or time.perf_counter() - started < duration:
-        if requests >= MAX_REQUESTS_PER_PHASE:
+        if requests >= MAX_REQUESTS:
             break
         pairs += call(n + requests)
         requests += 1
@@ -88,8 +88,9 @@ def bench_layerwise(scratch: Path, warmup: float, duration: float) -> dict[str, 
     results: dict[str, Any] = {"shape": LAYERWISE_SHAPE, "cutoffs": [low, high]}
 
     log("layerwise: rerank-server")
-    with ServerUnderTest(f"layerwise={model_dir}", 1, 2, scratch / "layerwise.log") as server:
-        server.wait_ready()
+    args = ["--model", f"layerwise={model_dir}", "--devices", "cpu", "--threads-per-replica", "2", *FLOAT32]
+    with ServerProcess(args, scratch / "layerwise.log") as server:
+        server.wait_serving()
         with RerankerClient(server.target, retry=None, timeout=120) as client:
             served = {}
             for cutoff in (low, high):
@@ -101,7 +102,7 @@ def bench_layerwise(scratch: Path, warmup: float, duration: float) -> dict[str, 
 
                 served[cutoff] = timed_loop(call, warmup, duration)
         results["server"] = served
-        results["server_clean_shutdown"] = server.stop().clean
+        results["server_clean_shutdown"] = server.shutdown().clean
     # The baseline runs after the server is gone, so neither competes for the cores.
     log("layerwise: in-process baseline")
     results["baseline"] = layerwise_baseline(model_dir, query, blocks, (low, high), warmup, duration)
@@ -154,12 +155,14 @@ def layerwise_baseline(
 def bench_chunking(scratch: Path, warmup: float, duration: float, doc_tokens: int) -> dict[str, Any]:
     model_dir = scratch / "cross-encoder"
     build_model_in_subprocess(model_dir, 0)
-    workload = make_workload(model_dir, DOCUMENTS_PER_REQUEST, doc_tokens, 0)
+    counter = TokenCounter(model_dir / "tokenizer.json")
+    workload = make_workload("long", counter, 0, shape=Shape(DOCUMENTS_PER_REQUEST, doc_tokens))
     results: dict[str, Any] = {"workload": workload.facts(), "max_length": 512}
 
     log("chunking: rerank-server")
-    with ServerUnderTest(f"ce={model_dir}", 1, 2, scratch / "chunking.log") as server:
-        server.wait_ready()
+    args = ["--model", f"ce={model_dir}", "--devices", "cpu", "--threads-per-replica", "2", *FLOAT32]
+    with ServerProcess(args, scratch / "chunking.log") as server:
+        server.wait_serving()
         with RerankerClient(server.target, retry=None, timeout=300) as client:
             for truncation in ("end", "chunk"):
                 windows = [0, 0]
@@ -174,7 +177,7 @@ def bench_chunking(scratch: Path, warmup: float, duration: float, doc_tokens: in
                 figures = timed_loop(call, warmup, duration)
                 figures["windows_per_document"] = round(windows[0] / max(1, windows[1]), 2)
                 results[f"server_{truncation}"] = figures
-        results["server_clean_shutdown"] = server.stop().clean
+        results["server_clean_shutdown"] = server.shutdown().clean
     log("chunking: in-process baseline (transformers, truncating)")
     results["baseline_end"] = chunk_baseline(model_dir, workload, warmup, duration)
     results["chunk_to_end_time_ratio"] = round(

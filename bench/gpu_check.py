@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from families_bench import timed_loop
-from rerank_bench import ServerUnderTest, log, machine_facts
+from rerank_bench import log
+from rerank_bench.baseline import server_cpu_dtype
+from rerank_bench.harness import ServerProcess
+from rerank_bench.machine import machine_facts
 from rerank_client import RerankerClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,14 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         build_model(model_dir, shape, args.device)
         log("precision: float16 and bfloat16 against float32")
         report["precision"] = precision(model_dir, args.device, requests)
-        server_dtype = "float16" if args.device.startswith("cuda") else "float32"  # what dtype auto picks
+        server_dtype = "float16" if args.device.startswith("cuda") else server_cpu_dtype()  # dtype auto
         report["server"], report["baseline"] = {}, {}
         log(f"rerank-server on {args.device} (dtype auto = {server_dtype})")
         devices = "cuda" if args.device.startswith("cuda") else "cpu"
-        with ServerUnderTest(
-            f"m3={model_dir}", 1, 0, Path(scratch) / "server.log", devices=devices
-        ) as server:
-            server.wait_ready()
+        server_args = ["--model", f"m3={model_dir}", "--devices", devices]
+        with ServerProcess(server_args, Path(scratch) / "server.log") as server:
+            server.wait_serving()
             with RerankerClient(server.target, retry=None, timeout=300) as client:
                 for name, (query, documents) in requests.items():
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     report["server"][name] = timed_loop(call, args.warmup, args.duration)
                     log(f"  server, {name}: {report['server'][name]}")
-            report["server_clean_shutdown"] = server.stop().clean
+            report["server_clean_shutdown"] = server.shutdown().clean
         for name, workload in requests.items():
             report["baseline"][name] = baseline(
                 model_dir, args.device, server_dtype, workload, args.warmup, args.duration
