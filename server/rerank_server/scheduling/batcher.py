@@ -31,7 +31,7 @@ from rerank_server.families.base import Row
 # A batch stops taking pairs where real tokens would fall under this share of its padded tokens,
 # unless its padding stays within PAD_SLACK tokens in all (too little to split a batch for).
 MIN_REAL_SHARE = 0.9
-PAD_SLACK = 256
+PAD_SLACK = 128
 
 
 class PairOwner(Protocol):
