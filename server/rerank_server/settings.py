@@ -75,7 +75,12 @@ class ServerSettings(BaseSettings):
         16384, ge=1, description="A batch's padded token count (rows x longest row) stays at or under this."
     )
     max_batch_size: int = Field(128, ge=1, description="Most pairs in one batch.")
-    max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for a fuller batch.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Longest wait for a fuller batch, while the replica it goes to is busy anyway "
+        "(an idle replica takes what is queued at once).",
+    )
     bulk_batch_ms: float = Field(
         100.0,
         gt=0,

@@ -32,6 +32,9 @@ class FakePool:
         idle = [r for r, n in self.free.items() if n > 0 and (busy_ok or n == self.slots)]
         return idle[0] if idle and self.ready_count else None
 
+    def busy(self, replica: object) -> bool:
+        return self.free[replica] < self.slots  # type: ignore[index]
+
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
         assert isinstance(replica, int)
         self.free[replica] -= 1
@@ -229,3 +232,20 @@ async def test_bulk_batches_are_cut_to_the_measured_speed_and_skip_busy_replicas
     scheduler.submit(call, encoded([7, 8, 9], length=10))
     (_, _, interactive) = pool.sent[-1]  # beside the bulk batch, in the second slot
     assert len(pool.sent) == 2 and interactive.rows == 3
+
+
+async def test_an_idle_replica_takes_what_is_queued_at_once_a_busy_one_waits_for_more() -> None:
+    pool = FakePool(replicas=1, slots=2)
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=100, max_pairs=1000, max_wait=0.05)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"))
+    first = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(first, encoded([1, 2]))
+    assert [batch.rows for _, _, batch in pool.sent] == [2]  # idle: no wait for a fuller batch
+    second = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(second, encoded([3]))
+    assert len(pool.sent) == 1  # busy: the batch waits for more pairs, as it would wait anyway
+    third = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(third, encoded([4, 5]))
+    await asyncio.sleep(0.1)
+    assert [batch.rows for _, _, batch in pool.sent] == [2, 3]  # both, together, after max_wait

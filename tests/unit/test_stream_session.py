@@ -43,6 +43,9 @@ class FakePool:
         idle = [r for r, free in self.free.items() if free]
         return idle[0] if idle and self.ready_count else None
 
+    def busy(self, replica: object) -> bool:
+        return not self.free[replica]  # type: ignore[index]
+
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
         assert isinstance(replica, int)
         self.free[replica] = False

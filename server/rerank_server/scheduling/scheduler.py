@@ -1,7 +1,9 @@
 """The scheduler: requests' pairs in, batches out to idle replicas, scores back to requests.
 
 Event driven on the server's event loop: every change (pairs queued, a replica
-freed or ready, a batch's wait elapsed) pumps the queue into idle replicas.
+freed or ready, a batch's wait elapsed) pumps the queue into idle replicas. A replica with
+nothing in flight takes what is queued at once; an unfilled batch for a busy one waits up to
+max_wait for more pairs, time it would spend waiting for the replica anyway.
 
 Bulk work (streams) is kept short in time so that interactive requests get through it: a bulk
 batch holds about `bulk_batch_s` of work at the replicas' measured speed (padded tokens per
@@ -51,6 +53,10 @@ class Replicas(Protocol):
 
     def idle_replica(self, *, busy_ok: bool = True) -> object | None:
         """A ready replica with room for a batch; with busy_ok False, only one with none in flight."""
+        ...
+
+    def busy(self, replica: object) -> bool:
+        """Whether the replica has a batch in flight (a new one would wait for it anyway)."""
         ...
 
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None: ...
@@ -188,8 +194,12 @@ class Scheduler:
     def pump(self) -> None:
         """Fill idle replicas with batches while there is work."""
         while (replica := self._replicas.idle_replica(busy_ok=self._queue.has_interactive())) is not None:
+            # An unfilled batch waits for more pairs only where it would wait for the replica anyway.
             plan = self._queue.next_batch(
-                self.now(), spread=self._replicas.idle_count, bulk_max_tokens=self.bulk_max_tokens()
+                self.now(),
+                flush=not self._replicas.busy(replica),
+                spread=self._replicas.idle_count,
+                bulk_max_tokens=self.bulk_max_tokens(),
             )
             for owner in plan.expired:
                 _ticket(owner).fail(DeadlineExceededError("deadline passed while queued"))

@@ -116,6 +116,10 @@ class WorkerPool:
         ]
         return max(candidates, key=lambda r: len(r.free_segments), default=None)
 
+    def busy(self, replica: object) -> bool:
+        assert isinstance(replica, Replica)
+        return bool(replica.in_flight)
+
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None:
         assert isinstance(replica, Replica)
         segment = replica.free_segments.pop()
