@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,13 @@ from rerank_server.scheduling.scheduler import Scheduler
 from rerank_server.service.rerank import RequestLimits, RerankService
 from rerank_server.settings import ServerSettings
 from rerank_server.transport.shm import SegmentLayout
-from rerank_server.workers.devices import ReplicaPlan, cpu_has_native_bf16, plan_replicas, visible_gpus
+from rerank_server.workers.devices import (
+    ReplicaPlan,
+    cpu_has_native_bf16,
+    plan_replicas,
+    usable_cpus,
+    visible_gpus,
+)
 from rerank_server.workers.pool import WorkerPool
 
 log = logging.getLogger("rerank_server")
@@ -106,6 +111,7 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
         raise StartupError(str(exc)) from exc
     gpus = visible_gpus()
     cpu_bf16 = cpu_has_native_bf16()
+    cpus = usable_cpus()
     plans = []
     for choice in choices:
         try:
@@ -117,7 +123,7 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
                 threads_per_replica=settings.threads_per_replica,
                 dtype=settings.dtype,
                 gpus=gpus,
-                cpu_count=os.cpu_count() or 1,
+                cpu_count=cpus,
                 gpu_dtype=family_of(spec.family).gpu_dtype,
                 cpu_bf16=cpu_bf16,
             )

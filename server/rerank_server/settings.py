@@ -60,7 +60,10 @@ class ServerSettings(BaseSettings):
     )
     cpu_replicas: int = Field(1, ge=1, description="Worker processes when serving on the CPU.")
     threads_per_replica: int = Field(
-        0, ge=0, description="torch threads per CPU worker (0 = CPU cores / cpu_replicas)."
+        0,
+        ge=0,
+        description="torch threads per CPU worker (0 = the CPUs this process may use, by its affinity "
+        "and cgroup quota, / cpu_replicas).",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rerank_server.workers.devices import ReplicaPlan, cpu_has_native_bf16, plan_replicas, visible_gpus
+from rerank_server.workers.devices import (
+    ReplicaPlan,
+    cpu_has_native_bf16,
+    plan_replicas,
+    usable_cpus,
+    visible_gpus,
+)
 
 
 def plan(devices: str, gpus: list[str], **kwargs: object) -> list[ReplicaPlan]:
@@ -118,3 +124,39 @@ def test_each_model_is_planned_on_every_gpu_in_its_familys_dtype(
         "llm": [("cuda:0", "bfloat16"), ("cuda:1", "bfloat16")],
     }
     assert (plans["ce"].spec.family, plans["llm"].spec.family) == ("cross-encoder", "bge-reranker-gemma")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_usable_cpus_follow_the_affinity_when_no_quota_is_set(tmp_path: Path) -> None:
+    assert usable_cpus(str(tmp_path), affinity=6) == 6  # no cgroup files at all
+    write(tmp_path / "cpu.max", "max 100000\n")
+    assert usable_cpus(str(tmp_path), affinity=6) == 6
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"), [("200000 100000", 2), ("150000 100000", 2), ("5000 100000", 1)]
+)
+def test_a_cgroup_v2_quota_caps_the_usable_cpus_rounded_up(
+    tmp_path: Path, cpu_max: str, expected: int
+) -> None:
+    write(tmp_path / "cpu.max", cpu_max + "\n")
+    assert usable_cpus(str(tmp_path), affinity=64) == expected
+    assert usable_cpus(str(tmp_path), affinity=1) == 1  # the quota never raises the affinity
+
+
+def test_a_cgroup_v1_quota_caps_the_usable_cpus(tmp_path: Path) -> None:
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "300000\n")
+    write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
+    assert usable_cpus(str(tmp_path), affinity=64) == 3
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1\n")  # unlimited
+    assert usable_cpus(str(tmp_path), affinity=64) == 64
+
+
+def test_this_process_may_use_at_least_one_cpu_and_no_more_than_its_affinity() -> None:
+    import os
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

@@ -7,6 +7,7 @@ starts), so inside the worker it is always "cuda:0".
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -71,6 +72,37 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
         if key.strip() == "flags":
             return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
     return False
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def usable_cpus(cgroup_root: str = CGROUP_ROOT, affinity: int | None = None) -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota (a container's
+    --cpus), rounded up; os.cpu_count() counts the host's, which oversubscribes a container."""
+    cpus = len(os.sched_getaffinity(0)) if affinity is None else affinity
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """The CPU quota in CPUs from cgroup v2 (cpu.max) or v1 (cpu.cfs_quota_us), None if unlimited."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as file:
+            quota, _, period = file.read().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period or 100_000)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as file:
+            quota_us = int(file.read().strip())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as file:
+            period_us = int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def plan_replicas(
