@@ -228,6 +228,8 @@ async def serve(settings: ServerSettings) -> None:
             settings.stream_window,
             settings.chunk_overlap,
             settings.max_chunks,
+            settings.max_query_chars,
+            settings.max_document_chars,
         )
         service = RerankService(health.models, limits, executor)
         servicer = RerankerServicer(service, metrics)

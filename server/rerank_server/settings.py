@@ -94,6 +94,10 @@ class ServerSettings(BaseSettings):
         200_000, ge=1, description="Queue bound; past it requests fail at once with RESOURCE_EXHAUSTED."
     )
     max_documents: int = Field(10_000, ge=1, description="Most documents in one Rerank request.")
+    max_query_chars: int = Field(
+        20_000, ge=1, description="Most characters in a query (and in an instruction)."
+    )
+    max_document_chars: int = Field(200_000, ge=1, description="Most characters in one document.")
     stream_window: int = Field(
         4096, ge=1, description="Documents of one StreamRerank in flight before the server stops reading."
     )

@@ -246,6 +246,16 @@ def test_list_models_health_and_reflection(server: ServerProcess, client: Rerank
         ({"query": "", "documents": ["a"]}, InvalidArgumentError, "query is empty"),
         ({"query": "q", "documents": []}, InvalidArgumentError, "documents is empty"),
         ({"query": "q", "documents": ["a"] * 20_001}, InvalidArgumentError, "exceed the limit of 20000"),
+        (
+            {"query": "q" * 20_001, "documents": ["a"]},
+            InvalidArgumentError,
+            "query has 20001 characters; the limit is 20000",
+        ),
+        (
+            {"query": "q", "documents": ["a", "d" * 200_001]},
+            InvalidArgumentError,
+            "document 1 has 200001 characters; the limit is 200000",
+        ),
         ({"query": "q", "documents": ["a"], "model": "nope"}, NotFoundError, "'nope' is not served"),
         (
             {"query": "q", "documents": ["a"], "max_length": 513},
@@ -273,6 +283,8 @@ def test_list_models_health_and_reflection(server: ServerProcess, client: Rerank
         "empty-query",
         "no-documents",
         "too-many",
+        "query-too-long",
+        "document-too-long",
         "unknown-model",
         "max-length-high",
         "max-length-low",
@@ -299,6 +311,9 @@ def test_bad_streams_get_invalid_argument(server: ServerProcess, client: Reranke
         client.stream_rerank(QUERY, iter(["a", "b"]), top_n=0)
     with pytest.raises(InvalidArgumentError, match="no documents"):
         client.stream_rerank(QUERY, iter([]), top_n=3)
+    later = iter(["a"] * 600 + ["d" * 200_001])  # past the first chunk of 512
+    with pytest.raises(InvalidArgumentError, match="document 600 has 200001 characters"):
+        client.stream_rerank(QUERY, later, top_n=3)
     with grpc.insecure_channel(server.target) as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
         chunk = reranker_pb2.StreamRerankRequest(documents=reranker_pb2.DocumentChunk(documents=["a"]))

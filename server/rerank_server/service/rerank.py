@@ -31,6 +31,8 @@ class RequestLimits:
     stream_window: int
     chunk_overlap: int = 64
     max_chunks: int = 10
+    max_query_chars: int = 20_000
+    max_document_chars: int = 200_000
 
 
 class RerankService:
@@ -104,6 +106,12 @@ class RerankService:
         spec = model.spec
         if not request.query.strip():
             raise InvalidRequestError("query is empty")
+        limit = self._limits.max_query_chars
+        for name, text in (("query", request.query), ("instruction", request.instruction)):
+            if len(text) > limit:
+                raise InvalidRequestError(
+                    f"the {name} has {len(text)} characters; the limit is {limit} (max_query_chars)"
+                )
         if streaming and not 1 <= request.top_n <= self._limits.max_stream_top_n:
             raise InvalidRequestError(
                 f"StreamRerank needs top_n between 1 and {self._limits.max_stream_top_n} (got "
@@ -152,6 +160,13 @@ class RerankService:
     async def build_rows(
         self, prepared: Prepared, documents: Sequence[str], first_document: int
     ) -> list[Row]:
+        limit = self._limits.max_document_chars
+        for position, document in enumerate(documents):
+            if len(document) > limit:
+                raise InvalidRequestError(
+                    f"document {first_document + position} has {len(document)} characters; the limit "
+                    f"is {limit} (max_document_chars)"
+                )
         build = partial(
             prepared.model.rows.rows, prepared.request.query, documents, prepared.options, first_document
         )
