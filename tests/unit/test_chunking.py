@@ -460,3 +460,26 @@ def test_chunk_refuses_a_query_that_leaves_no_room(qwen3_dir: Path) -> None:
     # With room beside a short query, the same model chunks.
     rows = served.rows("pandas?", [LONG_DOCUMENT], 256, Truncation.CHUNK, max_chunks=NO_CAP)
     assert len(rows) > 1 and all(row.length <= 256 for row in rows)
+
+
+def test_a_query_is_tokenized_once_for_every_part_of_a_stream(bert_cross_encoder_dir: Path) -> None:
+    builder = load_row_builder(describe_model(str(bert_cross_encoder_dir)))
+    tokenizer = builder.tokenizer
+    encoded: list[str] = []
+
+    class Counting:
+        def encode(self, text: str, **kwargs: object) -> object:
+            encoded.append(text)
+            return tokenizer.encode(text, **kwargs)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(tokenizer, name)
+
+    builder.tokenizer = Counting()  # type: ignore[attr-defined]
+    options = RowOptions(max_length=64)
+    first = builder.rows("pandas and bamboo", ["one part", "of a stream"], options, 0)
+    second = builder.rows("pandas and bamboo", ["the next", "part"], options, 2)
+    assert encoded == ["pandas and bamboo"]  # the second part reused its ids
+    assert first[0].tokens["input_ids"][:5].tolist() == second[0].tokens["input_ids"][:5].tolist()
+    builder.rows("another query", ["x"], options, 0)
+    assert encoded == ["pandas and bamboo", "another query"]

@@ -12,6 +12,7 @@ request's truncation the same way for all of them:
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from rerank_server.families.base import IntArray, ModelSpec, PairTooLongError, R
 from rerank_server.families.loading import load_tokenizer
 from rerank_server.types import Truncation
 
+QUERY_CACHE_SIZE = 256  # queries whose token ids a row builder keeps
+
 
 class PairTemplate(ABC):
     """Base of the families' row builders."""
@@ -31,6 +34,9 @@ class PairTemplate(ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.tokenizer: Tokenizer = load_tokenizer(spec.source)[0]
+        # A stream builds rows part by part, and clients repeat queries: each is tokenized once.
+        # The cached lists are shared, so nothing may change them.
+        self._cached_query_ids = functools.lru_cache(maxsize=QUERY_CACHE_SIZE)(self.query_ids)
 
     def ids(self, text: str) -> list[int]:
         """User text as token ids, without special tokens (and never parsing any)."""
@@ -65,7 +71,7 @@ class PairTemplate(ABC):
         self, query: str, documents: Sequence[str], options: RowOptions, first_document: int
     ) -> list[Row]:
         max_length = options.max_length
-        full_query = self.query_ids(query, options)
+        full_query = self._cached_query_ids(query, options)
         values = {name: getattr(options, name) for name in self.spec.row_values}
         rows: list[Row] = []
         for position, document_ids in enumerate(self.document_ids(documents)):
