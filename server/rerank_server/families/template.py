@@ -23,7 +23,7 @@ from rerank_server.families.base import IntArray, ModelSpec, PairTooLongError, R
 from rerank_server.families.loading import load_tokenizer
 from rerank_server.types import Truncation
 
-QUERY_CACHE_SIZE = 256  # queries whose token ids a row builder keeps
+QUERY_CACHE_SIZE = 64  # queries whose token ids a row builder keeps (at most about 10 MB)
 
 
 class PairTemplate(ABC):
