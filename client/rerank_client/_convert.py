@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from rerank.v1 import reranker_pb2 as pb
 
@@ -14,6 +15,21 @@ _WIRE_TRUNCATION = {
     Truncation.NONE: pb.TRUNCATION_NONE,
     Truncation.CHUNK: pb.TRUNCATION_CHUNK,
 }
+
+
+# What the server may send and take by default (its --max-message-mb): gRPC's own 4 MiB receive
+# limit would fail a large reply (return_documents) only after the server did all the work.
+MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel options over the client's defaults (message limits as the server's)."""
+    merged: dict[str, Any] = {
+        "grpc.max_receive_message_length": MESSAGE_LIMIT,
+        "grpc.max_send_message_length": MESSAGE_LIMIT,
+    }
+    merged.update(dict(options))
+    return list(merged.items())
 
 
 def truncation(value: Truncation | str) -> Truncation:

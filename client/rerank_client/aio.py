@@ -49,11 +49,13 @@ class AsyncRerankerClient:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """Open a channel to `target` ("host:port"): TLS with `credentials`, plaintext without."""
+        """Open a channel to `target` ("host:port"): TLS with `credentials`, plaintext without.
+        `options` are gRPC channel options; messages of up to 64 MiB each way by default, as the
+        server's own default limit."""
         if credentials is None:
-            channel = grpc.aio.insecure_channel(target, options=options)
+            channel = grpc.aio.insecure_channel(target, options=_convert.channel_options(options))
         else:
-            channel = grpc.aio.secure_channel(target, credentials, options=options)
+            channel = grpc.aio.secure_channel(target, credentials, options=_convert.channel_options(options))
         self._setup(channel, owns_channel=True, metadata=metadata, timeout=timeout, retry=retry)
 
     @classmethod

@@ -301,6 +301,12 @@ def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(
     assert len(client.rerank(QUERY, ["still serving"]).results) == 1
 
 
+def test_a_reply_over_grpcs_default_4_mib_reaches_a_default_client(client: RerankerClient) -> None:
+    documents = [f"{i} " + "w" * 150_000 for i in range(40)]  # 6 MB of documents sent back
+    result = client.rerank(QUERY, documents, return_documents=True)
+    assert sorted(r.document for r in result.results) == sorted(documents)
+
+
 def test_an_empty_document_is_scored_like_any_other(client: RerankerClient, reference: FlagReference) -> None:
     (only,) = client.rerank(QUERY, [""], raw_scores=True).results
     assert only.score == pytest.approx(expected_raw(reference, QUERY, [""])[0], abs=TOLERANCE)

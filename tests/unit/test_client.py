@@ -768,3 +768,16 @@ def test_the_client_needs_only_grpcio_and_protobuf(server: FakeServer) -> None:
         "models": [m.name for m in MODELS],
         "blocked_loaded": [],
     }
+
+
+def test_channels_take_messages_as_large_as_the_server_sends_unless_told_otherwise() -> None:
+    from rerank_client._convert import MESSAGE_LIMIT, channel_options
+
+    assert MESSAGE_LIMIT == 64 * 1024 * 1024  # the server's --max-message-mb default
+    defaults = dict(channel_options(()))
+    assert defaults["grpc.max_receive_message_length"] == MESSAGE_LIMIT
+    assert defaults["grpc.max_send_message_length"] == MESSAGE_LIMIT
+    mine = dict(channel_options([("grpc.max_receive_message_length", 1024), ("grpc.enable_retries", 0)]))
+    assert mine["grpc.max_receive_message_length"] == 1024
+    assert mine["grpc.enable_retries"] == 0
+    assert len(channel_options([("grpc.max_receive_message_length", 1024)])) == 2  # no duplicate keys
