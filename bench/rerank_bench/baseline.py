@@ -23,9 +23,9 @@ SORTED_BATCH = 32
 
 def server_cpu_dtype() -> str:
     """What the server's `--dtype auto` picks on this CPU: bfloat16 with native units, else float32."""
-    from rerank_server.workers.devices import cpu_has_native_bf16
+    from rerank_server.workers.devices import cpu_dtype, cpu_has_native_bf16
 
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return cpu_dtype("auto", cpu_has_native_bf16())
 
 
 class InProcess:

@@ -87,14 +87,18 @@ def children(pid: int) -> list[tuple[int, str]]:
 
 def cpu_facts() -> dict[str, Any]:
     """The CPU model and the flags that decide the dtype and speed (AVX-512, bfloat16, AMX)."""
-    model, flags = "", set[str]()
+    from rerank_server.workers.devices import cpu_flags
+
+    cpuinfo = ""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+            break
+    flags = cpu_flags(cpuinfo)
     return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags]}
 
 

@@ -232,10 +232,11 @@ class Scheduler:
             if ticket.first_dispatch_at is None:
                 ticket.first_dispatch_at = now
                 self._metrics.queue_seconds.observe(now - ticket.opened_at)
-        self._in_flight[batch_id] = (pairs, batch.rows * batch.width)
+        padded = batch.rows * batch.width
+        self._in_flight[batch_id] = (pairs, padded)
         self._metrics.batches.inc()
         self._metrics.batch_pairs.observe(batch.rows)
-        self._metrics.batch_tokens.observe(batch.rows * batch.width)
+        self._metrics.batch_tokens.observe(padded)
         self._metrics.batch_real_tokens.inc(len(batch.tokens["input_ids"]))
         self._replicas.dispatch(replica, batch_id, batch)
 

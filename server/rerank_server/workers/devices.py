@@ -59,19 +59,31 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU (or the given /proc/cpuinfo text) has native bfloat16 matrix units."""
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The flags of this CPU (or of the given /proc/cpuinfo text); empty where none are listed."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as file:
                 cpuinfo = file.read()
         except OSError:
-            return False
+            return frozenset()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
-            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
-    return False
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the given /proc/cpuinfo text) has native bfloat16 matrix units."""
+    return not NATIVE_BF16_FLAGS.isdisjoint(cpu_flags(cpuinfo))
+
+
+def cpu_dtype(dtype: str, native_bf16: bool) -> str:
+    """What a dtype setting means on the CPU: auto is bfloat16 with native bfloat16 units, else float32."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16 else "float32"
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -138,6 +150,6 @@ def plan_replicas(
     if chosen:
         chosen_dtype = gpu_dtype if dtype == "auto" else dtype
         return [ReplicaPlan(f"cuda:{gpu}", "cuda:0", gpu, chosen_dtype, 0) for gpu in chosen]
-    cpu_dtype = ("bfloat16" if cpu_bf16 else "float32") if dtype == "auto" else dtype
     threads = threads_per_replica or max(1, cpu_count // cpu_replicas)
-    return [ReplicaPlan("cpu", "cpu", "", cpu_dtype, threads) for _ in range(cpu_replicas)]
+    chosen_dtype = cpu_dtype(dtype, cpu_bf16)
+    return [ReplicaPlan("cpu", "cpu", "", chosen_dtype, threads) for _ in range(cpu_replicas)]
