@@ -53,6 +53,22 @@ class ServerSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port, logged at start).")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics port listens on.")
+    tls_cert: str = Field(
+        "", description="PEM certificate chain of the gRPC port; with --tls-key, the port speaks TLS only."
+    )
+    tls_key: str = Field("", description="PEM private key of --tls-cert.")
+    tls_client_ca: str = Field(
+        "",
+        description="PEM CA bundle: clients must present a certificate it signed (mutual TLS); needs "
+        "--tls-cert.",
+    )
+    auth_tokens_file: str = Field(
+        "",
+        description="File of accepted bearer tokens, one per line (reread on SIGHUP); calls without "
+        "one get UNAUTHENTICATED. Health checks stay open. Empty = no token needed.",
+    )
+    reflection: bool = Field(True, description="Serve gRPC server reflection (--no-reflection turns it off).")
     devices: str = Field(
         "auto",
         description="auto = every visible GPU, else the CPU; cpu; cuda = every visible GPU; "
@@ -92,6 +108,42 @@ class ServerSettings(BaseSettings):
     )
     max_queued_pairs: int = Field(
         200_000, ge=1, description="Queue bound; past it requests fail at once with RESOURCE_EXHAUSTED."
+    )
+    max_queued_tokens: int = Field(
+        8_000_000,
+        ge=1,
+        description="Queue bound in tokens (memory); past it a Rerank fails at once with "
+        "RESOURCE_EXHAUSTED and a stream waits for room.",
+    )
+    max_queue_delay_ms: float = Field(
+        5000.0,
+        ge=0,
+        description="A Rerank that would wait longer than this behind the work queued ahead of it (at "
+        "the replicas' measured speed) fails at once with RESOURCE_EXHAUSTED (0 = no such limit).",
+    )
+    max_concurrent_calls: int = Field(
+        1024, ge=1, description="Most Rerank calls served at once; past it RESOURCE_EXHAUSTED."
+    )
+    max_concurrent_streams: int = Field(
+        64, ge=1, description="Most StreamRerank calls served at once; past it RESOURCE_EXHAUSTED."
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A stream whose client neither sends nor reads for this long is ended "
+        "(DEADLINE_EXCEEDED).",
+    )
+    max_call_s: float = Field(
+        3600.0, gt=0, description="Longest any call may run, whatever deadline its client set."
+    )
+    batch_timeout_factor: float = Field(
+        10.0,
+        gt=1,
+        description="A batch running this many times longer than its size predicts (from recent "
+        "batches) marks its worker hung: it is killed and replaced, and the batch runs elsewhere.",
+    )
+    batch_timeout_floor_s: float = Field(
+        10.0, gt=0, description="No batch counts as hung before this many seconds."
     )
     max_documents: int = Field(10_000, ge=1, description="Most documents in one Rerank request.")
     max_query_chars: int = Field(
