@@ -105,6 +105,17 @@ def build_bert_cross_encoder(path: str | Path, *, hidden: int = 64, layers: int 
     return save_model(BertForSequenceClassification, config, tokenizer, Path(path), seed)
 
 
+def build_bert_cross_encoder_with_unembedded_word(path: str | Path, word: str = "zebra") -> Path:
+    """build_bert_cross_encoder's model, whose tokenizer also knows `word` as a token the model's
+    embedding table has no row for: a pair holding it makes the model raise IndexError (a model
+    exception on demand); every other pair scores as build_bert_cross_encoder's model scores it."""
+    path = build_bert_cross_encoder(path)
+    tokenizer = BertTokenizer.from_pretrained(path)
+    tokenizer.add_tokens([word])
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_xlmr_cross_encoder(path: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """An XLMRobertaForSequenceClassification with one logit and a Unigram tokenizer laid out like
     bge-reranker's: `<s> A </s></s> B </s>`, pad id 1, positions offset past the padding index."""

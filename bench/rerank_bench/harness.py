@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from rerank_client import RerankerClient
 from rerank_server.transport.shm import SHM_DIR, leftover_segments
@@ -128,10 +129,11 @@ class ServerProcess:
             time.sleep(0.05)
         raise TimeoutError(f"rerank-server did not listen within {timeout} s:\n{self.log()}")
 
-    def wait_serving(self, timeout: float = 180) -> None:
-        """Poll the standard health service through the real client until SERVING."""
+    def wait_serving(self, timeout: float = 180, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Poll the standard health service through the real client until SERVING (over TLS with
+        `credentials`: health needs no token, but a TLS port needs a TLS client)."""
         deadline = time.monotonic() + timeout
-        with RerankerClient(self.target, retry=None, timeout=5) as client:
+        with RerankerClient(self.target, credentials=credentials, retry=None, timeout=5) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(Exception):  # not up yet: UNAVAILABLE, or a deadline
                     if client.health() == "SERVING":

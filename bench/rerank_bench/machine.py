@@ -36,6 +36,37 @@ def proc_memory_mib(pid: int) -> dict[str, float]:
     return values
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Restart the kernel's peak RSS (VmHWM) of a process at its RSS now, so the next reading is
+    the peak of what happens from here; False when it is gone or not ours."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def proc_open_fds(pid: int) -> int | None:
+    """File descriptors a process holds open; None when it is gone or not ours."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def proc_threads(pid: int) -> int | None:
+    """Threads of a process; None when it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key == "Threads":
+            return int(rest)
+    return None
+
+
 def proc_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads); None when it is gone."""
     try:

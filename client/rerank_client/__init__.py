@@ -1,11 +1,13 @@
 """Typed Python client of the rerank server: needs only grpcio and protobuf.
 
 Usage: `with RerankerClient("localhost:50051") as client: client.rerank(query, documents, top_n=3)`;
-AsyncRerankerClient is the same for asyncio. Failed calls raise RerankError subclasses.
+AsyncRerankerClient is the same for asyncio. Failed calls raise RerankError subclasses. A secured
+server takes `credentials=tls_credentials(...)` and `token=...`.
 """
 
 from rerank_client.aio import AsyncRerankerClient
 from rerank_client.client import RerankerClient
+from rerank_client.credentials import tls_credentials
 from rerank_client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -14,6 +16,7 @@ from rerank_client.errors import (
     NotFoundError,
     RerankError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     from_rpc_error,
 )
@@ -36,7 +39,9 @@ __all__ = [
     "RetryPolicy",
     "Timings",
     "Truncation",
+    "UnauthenticatedError",
     "UnavailableError",
     "Usage",
     "from_rpc_error",
+    "tls_credentials",
 ]

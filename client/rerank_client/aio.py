@@ -16,6 +16,7 @@ from rerank.v1 import reranker_pb2 as pb
 from rerank.v1 import reranker_pb2_grpc
 
 from rerank_client import _convert, _health
+from rerank_client.credentials import call_metadata
 from rerank_client.errors import InternalError, NotFoundError, from_rpc_error
 from rerank_client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
 from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Truncation
@@ -44,25 +45,29 @@ class AsyncRerankerClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """Open a channel to `target` ("host:port"): TLS with `credentials`, plaintext without.
+        """Open a channel to `target` ("host:port"): TLS with `credentials` (see tls_credentials),
+        plaintext without. `token` goes with every call as `authorization: Bearer <token>`.
         `options` are gRPC channel options; messages of up to 64 MiB each way by default, as the
         server's own default limit."""
+        sent_metadata = call_metadata(metadata, token)  # checked before a channel opens
         if credentials is None:
             channel = grpc.aio.insecure_channel(target, options=_convert.channel_options(options))
         else:
             channel = grpc.aio.secure_channel(target, credentials, options=_convert.channel_options(options))
-        self._setup(channel, owns_channel=True, metadata=metadata, timeout=timeout, retry=retry)
+        self._setup(channel, owns_channel=True, metadata=sent_metadata, timeout=timeout, retry=retry)
 
     @classmethod
     def from_channel(
         cls,
         channel: grpc.aio.Channel,
         *,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
@@ -72,7 +77,9 @@ class AsyncRerankerClient:
         The channel stays the caller's: close() and the context manager leave it open.
         """
         client = cls.__new__(cls)
-        client._setup(channel, owns_channel=False, metadata=metadata, timeout=timeout, retry=retry)
+        client._setup(
+            channel, owns_channel=False, metadata=call_metadata(metadata, token), timeout=timeout, retry=retry
+        )
         return client
 
     def _setup(

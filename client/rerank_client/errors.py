@@ -41,6 +41,10 @@ class DeadlineExceededError(RerankError):
     """The call's timeout expired before the server answered."""
 
 
+class UnauthenticatedError(RerankError):
+    """The server wants a bearer token (`token=`) and this call carried none it accepts."""
+
+
 class CancelledError(RerankError):
     """The call was cancelled, by the server or the transport."""
 
@@ -55,6 +59,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RerankError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.INTERNAL: InternalError,
 }

@@ -18,7 +18,9 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer  # publi
 from grpc_reflection.v1alpha import reflection
 from rerank.v1 import reranker_pb2, reranker_pb2_grpc
 
-from rerank_server.edge.servicer import RerankerServicer
+from rerank_server.edge.auth import BearerTokenInterceptor, TokenStore
+from rerank_server.edge.servicer import CallLimits, RerankerServicer
+from rerank_server.edge.tls import server_credentials
 from rerank_server.errors import NoReplicaError
 from rerank_server.families import describe_model, family_of, load_row_builder
 from rerank_server.families.base import ModelSpec, RowBuilder
@@ -61,6 +63,9 @@ class _PoolEvents:
 
     def on_batch_lost(self, batch_id: int, reason: str) -> None:
         self._scheduler.on_batch_lost(batch_id, reason)
+
+    def on_batch_failed(self, batch_id: int, reason: str) -> None:
+        self._scheduler.on_batch_failed(batch_id, reason)
 
     def on_replicas_changed(self, ready: int) -> None:
         self._scheduler.on_replicas_changed(ready)
@@ -143,20 +148,26 @@ def plan_models(settings: ServerSettings) -> list[ModelPlan]:
 
 
 def grpc_server(
-    settings: ServerSettings, servicer: RerankerServicer, health_servicer: AsyncHealthServicer
+    settings: ServerSettings,
+    servicer: RerankerServicer,
+    health_servicer: AsyncHealthServicer,
+    tokens: TokenStore | None,
 ) -> grpc.aio.Server:
-    """The gRPC server with the Reranker, health and reflection services, not yet listening."""
+    """The gRPC server with the Reranker, health and (unless turned off) reflection services, not yet
+    listening; with `tokens`, every call but a health check needs one of them."""
     max_message = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else [],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
-        ]
+        ],
     )
     reranker_pb2_grpc.add_RerankerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
     return server
 
 
@@ -166,6 +177,13 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    try:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    if tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, tokens.reload)
     plans = plan_models(settings)
     for position, plan in enumerate(plans):
         log.info("model %r (%s, %s): replicas m%d/*", plan.name, plan.spec.family, plan.spec.source, position)
@@ -181,7 +199,7 @@ async def serve(settings: ServerSettings) -> None:
             label=f"m{position}",
             log_level=settings.log_level,
             stand_in=settings.stand_in(),
-            on_restart=metrics.worker_restarts.inc,
+            on_restart=metrics.worker_restarted,
         )
         for position, plan in enumerate(plans)
     ]
@@ -189,9 +207,11 @@ async def serve(settings: ServerSettings) -> None:
     schedulers: list[Scheduler] = []
     try:
         try:
-            metrics.serve(settings.metrics_port, settings.host)
+            metrics.serve(settings.metrics_port, settings.metrics_host)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {exc}") from exc
+            raise StartupError(
+                f"cannot serve metrics on port {settings.metrics_port} of {settings.metrics_host}: {exc}"
+            ) from exc
         health = _Health(AsyncHealthServicer())
         await set_health(health.servicer, NOT_SERVING)
         served = []
@@ -201,9 +221,17 @@ async def serve(settings: ServerSettings) -> None:
                 settings.max_batch_size,
                 settings.max_queued_pairs,
                 settings.max_wait_ms / 1000,
+                max_tokens=settings.max_queued_tokens,
+                max_delay=settings.max_queue_delay_ms / 1000,
             )
             scheduler = Scheduler(
-                plan.spec, queue, pool, metrics.for_model(plan.name), settings.bulk_batch_ms / 1000
+                plan.spec,
+                queue,
+                pool,
+                metrics.for_model(plan.name),
+                settings.bulk_batch_ms / 1000,
+                batch_timeout_factor=settings.batch_timeout_factor,
+                batch_timeout_floor_s=settings.batch_timeout_floor_s,
             )
             schedulers.append(scheduler)
             served.append(
@@ -230,19 +258,38 @@ async def serve(settings: ServerSettings) -> None:
             settings.max_chunks,
             settings.max_query_chars,
             settings.max_document_chars,
+            settings.max_message_mb * 1024 * 1024,
         )
         service = RerankService(health.models, limits, executor)
-        servicer = RerankerServicer(service, metrics)
-        server = grpc_server(settings, servicer, health.servicer)
+        servicer = RerankerServicer(
+            service,
+            metrics,
+            CallLimits(
+                settings.max_concurrent_calls,
+                settings.max_concurrent_streams,
+                settings.stream_idle_timeout_s,
+                settings.max_call_s,
+            ),
+        )
+        server = grpc_server(settings, servicer, health.servicer, tokens)
+        address = f"{settings.host}:{settings.port}"
         try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+            # gRPC refuses a key that does not match the certificate only here, as a failed bind.
+            mismatch = " (or --tls-key is not the key of --tls-cert)" if credentials else ""
+            raise StartupError(f"cannot listen on {address}{mismatch}: {exc}") from exc
         await server.start()
+        transport = "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext"
         log.info(
-            "rerank-server listening on %s:%d, models %s",
+            "rerank-server listening on %s:%d (%s%s), models %s",
             settings.host,
             port,
+            transport,
+            ", bearer tokens" if tokens is not None else "",
             ", ".join(p.name for p in plans),
         )
         await stop.wait()

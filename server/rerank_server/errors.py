@@ -27,5 +27,20 @@ class ReplicaLostError(RerankServerError):
     """A replica died twice while holding the same pairs."""
 
 
+class ModelError(RerankServerError):
+    """The model raised on a request's pairs, even run apart from other requests' pairs.
+
+    The message is generic on purpose: the exception's own text may echo user input, so only the
+    server's log carries it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the model failed on this request")
+
+
 class DeadlineExceededError(RerankServerError):
     pass
+
+
+class UnauthenticatedError(RerankServerError):
+    """The call carries no accepted bearer token; the message never repeats what it sent."""

@@ -67,9 +67,23 @@ class Metrics:
             registry=r,
         )
         self.replicas_ready = Gauge("rerank_replicas_ready", "Replicas loaded and serving", model, registry=r)
-        self.worker_restarts = Counter("rerank_worker_restarts", "Worker processes restarted", registry=r)
+        self.worker_restarts = Counter(
+            "rerank_worker_restarts",
+            "Worker processes replaced, by reason: exited (crashed), hung (killed), device (broken)",
+            ["reason"],
+            registry=r,
+        )
         self.batches_lost = Counter("rerank_batches_lost", "Batches a dying replica held", model, registry=r)
+        self.batches_failed = Counter(
+            "rerank_batches_failed",
+            "Batches on which the model raised (their requests then run apart)",
+            model,
+            registry=r,
+        )
         self._http: Any = None
+
+    def worker_restarted(self, reason: str) -> None:
+        self.worker_restarts.labels(reason).inc()
 
     def for_model(self, name: str) -> ModelMetrics:
         return ModelMetrics(self, name)
@@ -101,6 +115,7 @@ class ModelMetrics:
         self.inference_seconds = metrics.inference_seconds.labels(model)
         self.replicas_ready = metrics.replicas_ready.labels(model)
         self.batches_lost = metrics.batches_lost.labels(model)
+        self.batches_failed = metrics.batches_failed.labels(model)
         self._pairs_dropped = metrics.pairs_dropped
 
     def pairs_dropped(self, reason: str) -> Any:

@@ -28,12 +28,16 @@ class TopN:
         # Min-heap on (raw, -index): the root is the worst kept result.
         self._heap: list[tuple[float, int, RankedDocument]] = []
 
-    def offer(self, raw: float, result: RankedDocument) -> None:
+    def offer(self, raw: float, result: RankedDocument) -> RankedDocument | None:
+        """Keep `result` if it ranks; returns the result this leaves out (the one it displaced, or
+        `result` itself), None while fewer than n are kept."""
         entry = (raw, -result.index, result)
         if len(self._heap) < self._n:
             heapq.heappush(self._heap, entry)
-        elif entry[:2] > self._heap[0][:2]:
-            heapq.heapreplace(self._heap, entry)
+            return None
+        if entry[:2] > self._heap[0][:2]:
+            return heapq.heapreplace(self._heap, entry)[2]
+        return result
 
     def results(self) -> list[RankedDocument]:
         return [entry[2] for entry in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]

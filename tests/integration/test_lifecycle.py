@@ -68,6 +68,10 @@ def test_a_killed_worker_loses_no_request_and_is_replaced(
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(load, i) for i in range(6)]
         wait_until(lambda: len(outcomes) >= 6, 60, "load")
+        # Stopped first, so batches reach it and wait there (well within the hung-batch floor): the
+        # kill then surely takes batches with it, which must run again elsewhere.
+        os.kill(workers[0], signal.SIGSTOP)
+        time.sleep(1.0)
         os.kill(workers[0], signal.SIGKILL)
         recovered = wait_until(
             lambda: server.metric("rerank_replicas_ready") == 2 and workers[0] not in server.worker_pids(),

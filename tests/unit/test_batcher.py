@@ -1,4 +1,4 @@
-"""The batcher alone: budgets, length grouping, fairness, waiting, backpressure, dropping."""
+"""The batcher alone: budgets, length grouping, fairness, waiting, backpressure, bounds, dropping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rerank_server.errors import OverloadedError
 from rerank_server.families.base import Row
-from rerank_server.scheduling.batcher import PairQueue, QueuedRow
+from rerank_server.scheduling.batcher import BULK_SHARE, PairQueue, QueuedRow
 
 
 @dataclass(eq=False)
@@ -27,8 +27,22 @@ def pairs(owner: Owner, lengths: list[int], at: float = 0.0) -> list[QueuedRow]:
     return [QueuedRow(owner, row(i, n), at) for i, n in enumerate(lengths)]
 
 
-def make_queue(tokens: int = 1000, size: int = 100, max_pairs: int = 10_000, wait: float = 0.01) -> PairQueue:
-    return PairQueue(max_batch_tokens=tokens, max_batch_size=size, max_pairs=max_pairs, max_wait=wait)
+def make_queue(
+    tokens: int = 1000,
+    size: int = 100,
+    max_pairs: int = 10_000,
+    wait: float = 0.01,
+    max_tokens: int | None = None,
+    max_delay: float = 0.0,
+) -> PairQueue:
+    return PairQueue(
+        max_batch_tokens=tokens,
+        max_batch_size=size,
+        max_pairs=max_pairs,
+        max_wait=wait,
+        max_tokens=max_tokens,
+        max_delay=max_delay,
+    )
 
 
 def padded_tokens(batch: list[QueuedRow]) -> int:
@@ -111,10 +125,8 @@ def test_a_full_queue_refuses_the_whole_request_at_once() -> None:
         queue.push(b, pairs(b, [5] * 3))
     assert len(queue) == 8
     queue.check_room(2)
-    with pytest.raises(OverloadedError):
+    with pytest.raises(OverloadedError, match="max_queued_pairs"):
         queue.check_room(3)
-    queue.push(b, pairs(b, [5] * 3), admit_over_limit=True)
-    assert len(queue) == 11
 
 
 def test_pairs_of_expired_or_closed_requests_never_reach_a_batch() -> None:
@@ -235,3 +247,69 @@ def test_a_bulk_batch_holds_at_most_its_token_cap_and_always_one_pair() -> None:
     call = Owner("call")
     queue.push(call, pairs(call, [50] * 10))
     assert len(queue.next_batch(1.0, bulk_max_tokens=120).pairs) == 10  # the cap is for bulk only
+
+
+def test_the_queue_is_bounded_in_tokens_too() -> None:
+    queue = make_queue(max_tokens=100)
+    a, b = Owner("a"), Owner("b")
+    queue.push(a, pairs(a, [30, 30]))
+    with pytest.raises(OverloadedError, match=r"60 tokens queued, 50 more .* 100 \(max_queued_tokens\)"):
+        queue.push(b, pairs(b, [30, 20]))
+    assert (len(queue), queue.tokens) == (2, 60)  # all or none
+    queue.check_room(1, 40)
+    with pytest.raises(OverloadedError, match="max_queued_tokens"):
+        queue.check_room(1, 41)
+    queue.push(b, pairs(b, [25, 15]))
+    assert queue.tokens == 100
+
+
+def test_queued_tokens_follow_pairs_in_and_out_by_every_path() -> None:
+    queue = make_queue(tokens=100, size=2, wait=0.0)
+    call, other, stream = Owner("call"), Owner("other"), Owner("stream", bulk=True)
+    queue.push(call, pairs(call, [10, 20, 30]))
+    queue.push(other, pairs(other, [5]))
+    queue.push(stream, pairs(stream, [40, 7]))
+    assert (queue.tokens, queue.interactive_tokens) == (112, 65)
+    batch = queue.next_batch(1.0).pairs  # call's 30 and 20
+    assert (queue.tokens, queue.interactive_tokens) == (62, 15)
+    queue.requeue(batch)
+    assert (queue.tokens, queue.interactive_tokens) == (112, 65)
+    assert queue.drop(call) == 3
+    assert (queue.tokens, queue.interactive_tokens) == (52, 5)
+    expired = Owner("expired", deadline=0.5)
+    queue.push(expired, pairs(expired, [9]))
+    queue.next_batch(1.0)  # drops the expired owner's pair, batches other's
+    assert (queue.tokens, queue.interactive_tokens) == (47, 0)
+    queue.drain()
+    assert (len(queue), queue.tokens, queue.interactive_tokens) == (0, 0, 0)
+
+
+def test_an_interactive_request_that_would_wait_too_long_is_refused_at_once() -> None:
+    queue = make_queue(max_delay=0.05)
+    call, stream = Owner("call"), Owner("stream", bulk=True)
+    queue.push(stream, pairs(stream, [100] * 50))  # bulk work yields: it does not delay a call
+    queue.check_room(1, speed=10_000)
+    queue.push(call, pairs(call, [100] * 4))  # 400 tokens: 40 ms at 10,000 tokens/s
+    queue.check_room(1, speed=10_000)
+    queue.push(call, pairs(call, [100] * 2))
+    with pytest.raises(OverloadedError, match=r"about 60 ms .* 50 ms \(max_queue_delay_ms\)"):
+        queue.check_room(1, speed=10_000)
+    queue.check_room(1, speed=20_000)
+    queue.check_room(1, speed=None)  # no speed measured yet: no estimate
+    make_queue(max_delay=0.0).check_room(1, speed=1)  # 0: no such limit
+
+
+def test_bulk_work_fills_at_most_its_share_of_the_bounds_but_always_enters_an_empty_queue() -> None:
+    assert BULK_SHARE == 0.5
+    queue = make_queue(max_pairs=10, max_tokens=100)
+    assert queue.has_bulk_room(1000, 10**6)  # larger than the bounds alone: an empty queue takes it
+    call, stream = Owner("call"), Owner("stream", bulk=True)
+    queue.push(call, pairs(call, [10] * 4))
+    assert queue.has_bulk_room(1, 10)  # 5 pairs, 50 tokens: half of each bound
+    assert not queue.has_bulk_room(2, 10)
+    assert not queue.has_bulk_room(1, 11)
+    with pytest.raises(OverloadedError):
+        queue.push(stream, pairs(stream, [10] * 2))
+    queue.push(stream, pairs(stream, [10]))
+    queue.push(call, pairs(call, [10] * 5))  # interactive requests use the whole bound
+    assert (len(queue), queue.tokens) == (10, 100)

@@ -636,6 +636,19 @@ def test_stream_is_retried_before_it_is_under_way(connect: Callable[..., Client]
     assert [r.index for r in result.results] == expected_order(documents)[:3]
 
 
+def test_a_refused_stream_of_many_chunks_is_retried(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    """A refusal of the header (no replica ready yet, say) comes before any document past the first
+    chunk is taken: the client waits for the server to accept the header, so it may retry."""
+    server.reranker.fail("StreamRerank", Failure(grpc.StatusCode.UNAVAILABLE, "starting"), times=2)
+    documents = [document(i) for i in range(35)]
+    result = connect().stream_rerank("q", (d for d in documents), top_n=3, chunk_size=10)
+    assert server.reranker.attempts["StreamRerank"] == 3
+    assert result.usage.documents == 35  # every chunk reached the attempt that succeeded
+    assert [r.index for r in result.results] == expected_order(documents)[:3]
+
+
 def test_stream_is_not_retried_once_a_response_arrived(
     connect: Callable[..., Client], server: FakeServer
 ) -> None:

@@ -6,7 +6,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from rerank_server.errors import DeadlineExceededError, NoReplicaError, OverloadedError, ReplicaLostError
+from rerank_server.errors import (
+    DeadlineExceededError,
+    ModelError,
+    NoReplicaError,
+    OverloadedError,
+    ReplicaLostError,
+)
 from rerank_server.families.base import ModelSpec, Row, TokenBatch
 from rerank_server.metrics import Metrics
 from rerank_server.scheduling.batcher import PairQueue
@@ -23,6 +29,8 @@ class FakePool:
         self.free = {r: slots for r in range(replicas)}
         self.ready_count = replicas
         self.sent: list[tuple[int, int, TokenBatch]] = []  # (replica, batch id, batch)
+        self.hung: list[tuple[int, int]] = []  # (replica, batch id) the scheduler found hung
+        self.found_hung = asyncio.Event()
 
     @property
     def idle_count(self) -> int:
@@ -51,6 +59,17 @@ class FakePool:
         replica, batch_id, _ = self.sent.pop(position)
         self.free[replica] += 1
         scheduler.on_batch_lost(batch_id, "killed")
+
+    def fail(self, scheduler: Scheduler, position: int = 0) -> None:
+        """The model raises on one sent batch."""
+        replica, batch_id, _ = self.sent.pop(position)
+        self.free[replica] += 1
+        scheduler.on_batch_failed(batch_id, "IndexError: index out of range in self")
+
+    def replace_hung(self, replica: object, batch_id: int) -> None:
+        assert isinstance(replica, int)
+        self.hung.append((replica, batch_id))
+        self.found_hung.set()
 
 
 def first_tokens(batch: TokenBatch) -> np.ndarray:
@@ -249,3 +268,194 @@ async def test_an_idle_replica_takes_what_is_queued_at_once_a_busy_one_waits_for
     scheduler.submit(third, encoded([4, 5]))
     await asyncio.sleep(0.1)
     assert [batch.rows for _, _, batch in pool.sent] == [2, 3]  # both, together, after max_wait
+
+
+def make_watched(pool: FakePool, floor_s: float, factor: float = 10.0) -> tuple[Scheduler, Metrics]:
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=4, max_pairs=1000, max_wait=0.0)
+    scheduler = Scheduler(
+        SPEC, queue, pool, metrics.for_model("m"), batch_timeout_factor=factor, batch_timeout_floor_s=floor_s
+    )
+    return scheduler, metrics
+
+
+async def test_a_hung_batch_has_its_replica_replaced_and_runs_once_more_elsewhere() -> None:
+    pool = FakePool(replicas=2)
+    scheduler, metrics = make_watched(pool, floor_s=0.1)
+    got: dict[int, float] = {}
+    ticket = scheduler.open(lambda idx, sc: got.update(zip(idx, sc, strict=True)), timeout=None)
+    scheduler.submit(ticket, encoded([5], first_index=0))
+    [(replica, batch_id, _)] = pool.sent
+    await asyncio.wait_for(pool.found_hung.wait(), 10)
+    assert pool.hung == [(replica, batch_id)]
+    pool.lose(scheduler)  # what the pool reports once it has killed the worker
+    [(_, rerun, _)] = pool.sent
+    assert rerun != batch_id
+    pool.finish(scheduler)
+    await asyncio.wait_for(ticket.wait_until_pending_at_most(0), 1)
+    assert got == {0: 5.0}
+    assert pool.hung == [(replica, batch_id)]  # the batch that came back is timed no more
+    assert sample(metrics, "rerank_batches_lost_total") == 1
+
+
+async def test_a_batch_behind_another_is_timed_from_when_that_one_finishes() -> None:
+    pool = FakePool(replicas=1, slots=2)
+    scheduler, _ = make_watched(pool, floor_s=1.0, factor=1.5)  # 1.5 s each until a speed is known
+    first = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(first, encoded([1]))
+    second = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(second, encoded([2]))
+    [_, (_, waiting, _)] = pool.sent  # both on the one replica: the second waits for the first
+    await asyncio.sleep(1.0)
+    pool.finish(scheduler)
+    await asyncio.sleep(0.8)
+    assert pool.hung == []  # 1.8 s since it was sent, but only 0.8 s since it could start
+    await asyncio.wait_for(pool.found_hung.wait(), 10)
+    assert pool.hung == [(0, waiting)]
+
+
+async def test_a_batchs_time_budget_is_its_predicted_time_times_the_factor_never_under_the_floor() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, _ = make_watched(pool, floor_s=2.0, factor=10.0)
+    assert scheduler.batch_budget(100_000) == 20.0  # no speed measured yet: the floor x the factor
+    ticket = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(ticket, encoded([1, 2], length=50))
+    replica, batch_id, batch = pool.sent.pop()
+    pool.free[replica] += 1
+    scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), 0.1)  # 1000 tokens/s
+    assert scheduler.batch_budget(1000) == pytest.approx(10.0)
+    assert scheduler.batch_budget(100) == 2.0
+
+
+async def test_a_model_failure_runs_the_batchs_requests_apart_so_only_the_one_at_fault_fails() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, metrics = make(pool)
+    got: dict[int, float] = {}
+    healthy = scheduler.open(lambda idx, sc: got.update(zip(idx, sc, strict=True)), timeout=None)
+    poisoned = scheduler.open(lambda idx, sc: None, timeout=None)
+    pool.free[0] = 0  # busy: both requests wait, then share one batch
+    scheduler.submit(healthy, encoded([3, 4], first_index=0))
+    scheduler.submit(poisoned, encoded([9], first_index=0))
+    pool.free[0] = 1
+    scheduler.pump()
+    [(_, _, shared)] = pool.sent
+    assert sorted(first_tokens(shared).tolist()) == [3, 4, 9]
+    pool.fail(scheduler)
+    [(_, _, apart)] = pool.sent  # one request per batch now
+    assert sorted(first_tokens(apart).tolist()) == [3, 4]
+    pool.finish(scheduler)
+    [(_, _, alone)] = pool.sent
+    assert first_tokens(alone).tolist() == [9]
+    pool.fail(scheduler)
+    with pytest.raises(ModelError, match=r"^the model failed on this request$"):
+        await poisoned.wait_until_pending_at_most(0)
+    await asyncio.wait_for(healthy.wait_until_pending_at_most(0), 1)
+    assert got == {0: 3.0, 1: 4.0}
+    assert pool.sent == []  # no endless retries
+    assert sample(metrics, "rerank_batches_failed_total") == 2
+
+
+async def test_a_failed_batch_of_one_request_fails_it_at_once_and_drops_its_queued_pairs() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, metrics = make(pool, size=2)
+    ticket = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(ticket, encoded([1, 2, 3, 4]))
+    pool.fail(scheduler)
+    with pytest.raises(ModelError):
+        await ticket.wait_until_pending_at_most(0)
+    assert pool.sent == []
+    assert sample(metrics, "rerank_queued_pairs") == 0  # its other pairs never reach a model
+    assert sample(metrics, "rerank_batches_failed_total") == 1
+    later = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(later, encoded([5]))  # the replica serves on
+    pool.finish(scheduler)
+    await asyncio.wait_for(later.wait_until_pending_at_most(0), 1)
+
+
+async def test_a_request_run_apart_stays_apart_when_its_replica_is_lost() -> None:
+    pool = FakePool(replicas=1)
+    scheduler, _ = make(pool)
+    first = scheduler.open(lambda idx, sc: None, timeout=None)
+    second = scheduler.open(lambda idx, sc: None, timeout=None)
+    pool.free[0] = 0
+    scheduler.submit(first, encoded([1]))
+    scheduler.submit(second, encoded([2]))
+    pool.free[0] = 1
+    scheduler.pump()
+    pool.fail(scheduler)
+    pool.lose(scheduler)  # the first request's batch apart: its rerun is apart too
+    assert [first_tokens(batch).tolist() for _, _, batch in pool.sent] == [[1]]
+    pool.fail(scheduler)
+    with pytest.raises(ModelError):
+        await first.wait_until_pending_at_most(0)
+    pool.finish(scheduler)
+    await asyncio.wait_for(second.wait_until_pending_at_most(0), 1)
+
+
+async def test_a_call_that_would_wait_too_long_at_the_measured_speed_is_refused_before_tokenizing() -> None:
+    pool = FakePool(replicas=2)
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=100, max_pairs=1000, max_wait=0.0, max_delay=0.5)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"))
+    timed = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(timed, encoded([1] * 10, length=40))
+    for replica, batch_id, batch in list(pool.sent):  # 200 tokens in 0.2 s on each: 1000 tokens/s
+        pool.sent.remove((replica, batch_id, batch))
+        scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), 0.2)
+    assert scheduler.tokens_per_s == pytest.approx(1000)
+    pool.free = {0: 0, 1: 0}  # both replicas busy: what comes next stays queued
+    waiting = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(waiting, encoded([1] * 24, length=40))  # 960 tokens: 0.48 s at 2 x 1000 tokens/s
+    scheduler.check_room(10)
+    stream = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    scheduler.submit(stream, encoded([1] * 100, length=40))  # bulk work waits behind calls
+    scheduler.check_room(10)
+    pool.ready_count = 1  # one replica left: the same work takes twice as long
+    with pytest.raises(OverloadedError, match=r"about 960 ms .* 500 ms \(max_queue_delay_ms\)"):
+        scheduler.check_room(10)
+    scheduler.check_room(10, bulk=True)  # a stream is never refused for the wait: it waits for room
+
+
+async def test_a_bulk_request_waits_for_room_and_goes_on_as_the_queue_drains() -> None:
+    pool = FakePool(replicas=1)
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=2, max_pairs=8, max_wait=0.0)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"))
+    stream = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    await scheduler.wait_for_room(stream, encoded([1] * 20))  # an empty queue takes any part
+    scheduler.submit(stream, encoded([1] * 20))
+    assert len(queue) == 18  # one batch of 2 in the replica
+    part = encoded([2] * 2, first_index=20)
+    waiting = asyncio.ensure_future(scheduler.wait_for_room(stream, part))
+    while len(queue) + 2 > 4:  # half the queue's bound is the streams'
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        pool.finish(scheduler)
+    await asyncio.wait_for(waiting, 1)
+    scheduler.submit(stream, part)
+    assert len(queue) == 4
+
+    call = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(call, encoded([3] * 4))  # a call may fill the rest
+    waiting = asyncio.ensure_future(scheduler.wait_for_room(stream, part))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    scheduler.fail_all(NoReplicaError("the server is stopping"))
+    with pytest.raises(NoReplicaError, match="stopping"):
+        await asyncio.wait_for(waiting, 1)
+
+
+async def test_closing_a_request_frees_room_for_a_waiting_stream() -> None:
+    pool = FakePool(replicas=1, slots=0)  # nothing leaves the queue but by closing
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=2, max_pairs=8, max_wait=0.0)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"))
+    first = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    scheduler.submit(first, encoded([1] * 4))
+    second = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    waiting = asyncio.ensure_future(scheduler.wait_for_room(second, encoded([2])))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    scheduler.close(first)
+    await asyncio.wait_for(waiting, 1)
+    assert sample(metrics, "rerank_pairs_dropped_total", {"reason": "cancelled"}) == 4

@@ -1,22 +1,30 @@
 """StreamSession over a real Scheduler and a fake replica pool: every score once, then the top_n; the
-window of documents in flight; failures and cancellation close the request's ticket."""
+window of documents in flight; parts held back while the queue is full; failures, an idle client, a
+reply too large and cancellation end the stream and close the request's ticket."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
 import pytest
-from rerank_server.errors import InvalidRequestError, NoReplicaError, ReplicaLostError, RerankServerError
+from rerank_server.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoReplicaError,
+    ReplicaLostError,
+    RerankServerError,
+)
 from rerank_server.families.base import ModelSpec, Row, RowOptions, TokenBatch, sigmoid
 from rerank_server.metrics import Metrics
 from rerank_server.models.registry import ServedModel
 from rerank_server.scheduling.batcher import PairQueue
 from rerank_server.scheduling.scheduler import Scheduler, ScoreSink, Ticket
-from rerank_server.service.request import Prepared
+from rerank_server.service.request import REPLY_BYTES, RESULT_BYTES, Prepared
 from rerank_server.service.stream import StreamSession
 from rerank_server.types import RankedDocument, RerankQuery, RerankResult, Usage
 
@@ -117,10 +125,19 @@ class RecordingScheduler(Scheduler):
 
 class Rig:
     def __init__(
-        self, pool: FakePool, header: list[str], *, window: int = 64, size: int = 1, **query: Any
+        self,
+        pool: FakePool,
+        header: list[str],
+        *,
+        window: int = 64,
+        size: int = 1,
+        max_pairs: int = 1000,
+        idle_timeout: float | None = None,
+        max_reply_bytes: int | None = None,
+        **query: Any,
     ) -> None:
         self.pool = pool
-        self.queue = PairQueue(max_batch_tokens=1000, max_batch_size=size, max_pairs=1000, max_wait=0.0)
+        self.queue = PairQueue(max_batch_tokens=1000, max_batch_size=size, max_pairs=max_pairs, max_wait=0.0)
         self.scheduler = RecordingScheduler(SPEC, self.queue, pool, Metrics().for_model("m"))
         pool.scheduler = self.scheduler
         model = ServedModel("m", SPEC, "float32", ("cpu:0",), 64, 64, FakeRows(), self.scheduler, lambda: 1)
@@ -130,7 +147,9 @@ class Rig:
             await asyncio.sleep(0)  # the hop to the tokenizer's executor
             return model.rows.rows("q", documents, self.prepared.options, first)
 
-        self.session = StreamSession(self.prepared, build, window)
+        self.session = StreamSession(
+            self.prepared, build, window, idle_timeout=idle_timeout, max_reply_bytes=max_reply_bytes
+        )
 
     def run(self, client: Client) -> AsyncGenerator[list[RankedDocument] | RerankResult, None]:
         return cast(AsyncGenerator[Any, None], self.session.run(client.stream(), None))
@@ -356,3 +375,130 @@ async def test_the_consumer_going_away_closes_the_ticket(how: str) -> None:
     assert client.finished  # the reader stopped reading the client's stream
     rig.pool.finish()  # the batch already in a replica
     assert rig.pool.sent == []  # and nothing more of this stream is dispatched
+
+
+@pytest.mark.parametrize("idle_timeout", [None, 30.0], ids=["no-idle-timeout", "idle-timeout"])
+async def test_a_failure_reaches_the_consumer_at_once_while_the_reader_waits_for_the_client(
+    idle_timeout: float | None,
+) -> None:
+    texts = [doc(f"d{i}", 10 + i) for i in range(4)]
+    rig = Rig(FakePool(1), texts, top_n=2, idle_timeout=idle_timeout)
+    client = Client(keep_open=True)
+    agen = rig.run(client)
+    nxt = asyncio.ensure_future(agen.__anext__())
+    await settle()
+    assert rig.session.usage.documents == 4 and not client.finished  # the reader waits for the client
+    assert len(rig.queue) == 3
+    replicas_gone(rig.pool, rig.scheduler)
+    await settle()  # a few turns of the loop, no timer: at once
+    assert nxt.done()
+    with pytest.raises(NoReplicaError):
+        nxt.result()
+    assert rig.scheduler.ticket.closed and len(rig.queue) == 0
+    assert client.finished  # and the reader stopped waiting for the client
+
+
+async def test_parts_wait_for_room_in_the_queue_and_the_stream_goes_on() -> None:
+    texts = [doc(f"d{i}", i) for i in range(24)]
+    # Parts of 4 documents; streams may fill half the queue's bound of 8 pairs.
+    rig = Rig(FakePool(1), [], window=16, max_pairs=8, top_n=3)
+    agen = rig.run(Client(texts))
+    nxt = asyncio.ensure_future(agen.__anext__())
+    await settle()
+    assert (len(rig.queue), rig.pool.rows) == (3, 1)
+    assert rig.session.usage.documents == 4  # the next part waits, though the window has room
+    got: list[RankedDocument] = []
+    most_queued = 0
+    while True:
+        await settle()
+        most_queued = max(most_queued, len(rig.queue))
+        if nxt.done():
+            event = nxt.result()
+            if isinstance(event, RerankResult):
+                break
+            got.extend(scored(event))
+            nxt = asyncio.ensure_future(agen.__anext__())
+        else:
+            assert rig.pool.sent, "the stream stopped with nothing in a replica"
+            rig.pool.finish()
+    assert most_queued == 4
+    assert Counter(r.index for r in got) == Counter(range(24))
+    assert [r.index for r in event.results] == [23, 22, 21]
+
+
+async def test_a_client_that_sends_nothing_for_the_idle_timeout_ends_the_stream() -> None:
+    texts = [doc(f"d{i}", i) for i in range(3)]
+    rig = Rig(FakePool(1, auto=True), texts, top_n=2, idle_timeout=0.3)
+    client = Client(keep_open=True)
+    got: list[RankedDocument] = []
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match=r"sent nothing for 0.3 s .*\(stream_idle_timeout_s\)"):
+        async for event in rig.run(client):
+            got.extend(scored(event))
+    assert 0.25 <= time.monotonic() - started < 10
+    assert Counter(r.index for r in got) == Counter(range(3))  # every score went out first
+    assert rig.scheduler.ticket.closed and client.finished
+
+
+async def test_a_client_sending_within_the_idle_timeout_is_not_idle() -> None:
+    async def slow_client() -> AsyncIterator[list[str]]:
+        for i in range(1, 5):
+            await asyncio.sleep(0.15)  # 0.6 s in all: past the idle timeout, each gap within it
+            yield [doc(f"d{i}", i)]
+
+    rig = Rig(FakePool(1, auto=True), [doc("d0", 0)], top_n=2, idle_timeout=0.3)
+    events = [e async for e in rig.session.run(slow_client(), None)]
+    final = events[-1]
+    assert isinstance(final, RerankResult)
+    assert final.usage.documents == 5
+
+
+async def test_a_stream_waiting_on_its_own_work_is_not_idle() -> None:
+    texts = [doc(f"d{i}", i) for i in range(3)]
+    rig = Rig(FakePool(1), texts, top_n=2, idle_timeout=0.2)
+    agen = rig.run(Client(keep_open=True))
+    nxt = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(0.6)  # three idle timeouts, with its pairs unscored all along
+    assert not nxt.done()
+    got: list[RankedDocument] = []
+    while rig.pool.sent:
+        rig.pool.finish()
+        await settle()
+    got.extend(scored(await nxt))
+    while len(got) < 3:
+        got.extend(scored(await asyncio.wait_for(agen.__anext__(), 1)))
+    caught_up = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        await asyncio.wait_for(agen.__anext__(), 10)
+    assert time.monotonic() - caught_up >= 0.15  # the idle clock starts when its work is done
+    assert rig.scheduler.ticket.closed
+
+
+def sized(name: str, raw: int, size: int) -> str:
+    """A document of `size` characters whose window scores `raw`."""
+    text = doc(name, raw)
+    return doc(name + "x" * (size - len(text)), raw)
+
+
+async def test_a_stream_fails_as_soon_as_its_top_n_texts_would_pass_the_reply_limit() -> None:
+    a, b = sized("a", 5, 600), sized("b", 6, 600)
+    big_but_low = sized("c", 1, 3000)  # never in the top 2: its text does not count
+    limit = len(a) + len(b) + 2 * RESULT_BYTES + REPLY_BYTES + len("m")  # a and b just fit
+    rig = Rig(
+        FakePool(1, auto=True), [a, b, big_but_low], top_n=2, return_documents=True, max_reply_bytes=limit
+    )
+    *_, final = [e async for e in rig.run(Client())]
+    assert isinstance(final, RerankResult)
+    assert [r.document for r in final.results] == [b, a]
+
+    better_and_longer = sized("d", 9, 700)  # displaces a: 100 bytes over the limit
+    rig = Rig(
+        FakePool(1, auto=True), [a, b, big_but_low], top_n=2, return_documents=True, max_reply_bytes=limit
+    )
+    client = Client([better_and_longer], keep_open=True)
+    with pytest.raises(InvalidRequestError, match=r"over the limit of .* MiB \(max_message_mb\)"):
+        async for _ in rig.run(client):
+            pass
+    assert rig.scheduler.ticket.closed and len(rig.queue) == 0
+    await settle()
+    assert client.finished  # failed while the client still sent (it never ends), and stopped reading it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from rerank.v1 import reranker_pb2 as pb
 
 from rerank_server.errors import InvalidRequestError
@@ -21,7 +23,7 @@ def rerank_query(request: pb.RerankRequest) -> RerankQuery:
         raise InvalidRequestError(f"unknown truncation value {request.truncation}")
     return RerankQuery(
         query=request.query,
-        documents=list(request.documents),
+        documents=documents(request.documents),
         model=request.model,
         top_n=request.top_n,
         return_documents=request.return_documents,
@@ -31,6 +33,13 @@ def rerank_query(request: pb.RerankRequest) -> RerankQuery:
         instruction=request.instruction,
         cutoff_layer=request.cutoff_layer,
     )
+
+
+def documents(texts: Iterable[str]) -> list[str]:
+    """Protobuf's strings as Python ones, one at a time: run in a thread (see `servicer`), this
+    lets the event loop's thread take the GIL between documents, where `list()` would hold it for
+    the whole message (about 40 ms for 64 MiB)."""
+    return [text for text in texts]
 
 
 def ranked_documents(results: list[RankedDocument]) -> list[pb.RankedDocument]:

@@ -1,11 +1,19 @@
-"""The gRPC servicer: a thin adapter between protobuf and the data plane."""
+"""The gRPC servicer: a thin adapter between protobuf and the data plane.
+
+It also admits and times calls, which only the transport sees: a call past the limit of calls in
+flight is refused at once (RESOURCE_EXHAUSTED naming the limit); every call ends by its effective
+deadline, the client's or max_call_s, whichever comes first; a stream whose client reads nothing
+for the idle timeout is ended (the session itself watches the client's sending).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import NoReturn
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from rerank.v1 import reranker_pb2 as pb
@@ -13,9 +21,22 @@ from rerank.v1 import reranker_pb2_grpc as pb_grpc
 
 from rerank_server.edge import convert
 from rerank_server.edge.status import status_of
-from rerank_server.errors import InvalidRequestError
+from rerank_server.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
 from rerank_server.metrics import Metrics
 from rerank_server.service.rerank import RerankService
+
+_Message = TypeVar("_Message")
+_Own = TypeVar("_Own")
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """How many calls may run at once, and for how long."""
+
+    max_concurrent_calls: int = 1024
+    max_concurrent_streams: int = 64
+    stream_idle_timeout_s: float = 60.0
+    max_call_s: float = 3600.0
 
 
 class CallsInFlight:
@@ -44,38 +65,121 @@ class CallsInFlight:
         return True
 
 
+class CallGate:
+    """Calls of one kind in flight; past `limit` a new one is refused at once, not queued."""
+
+    def __init__(self, kind: str, limit: int, setting: str) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.setting = setting
+        self.count = 0
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.count >= self.limit:
+            raise OverloadedError(
+                f"{self.count} {self.kind} calls in flight, the limit ({self.setting}); retry later"
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
 class RerankerServicer(pb_grpc.RerankerServicer):
-    def __init__(self, service: RerankService, metrics: Metrics) -> None:
+    def __init__(self, service: RerankService, metrics: Metrics, limits: CallLimits | None = None) -> None:
         self._service = service
         self._metrics = metrics
+        self._limits = limits or CallLimits()
         self.calls = CallsInFlight()
+        self._reranks = CallGate("Rerank", self._limits.max_concurrent_calls, "max_concurrent_calls")
+        self._streams = CallGate(
+            "StreamRerank", self._limits.max_concurrent_streams, "max_concurrent_streams"
+        )
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         with self._observe("Rerank") as outcome:
             try:
-                result = await self._service.rerank(convert.rerank_query(request), context.time_remaining())
+                with self._reranks.admit():
+                    async with self._deadline(context) as timeout:
+                        query = await _off_the_loop(convert.rerank_query, request, len(request.documents))
+                        result = await self._service.rerank(query, timeout)
                 return convert.rerank_response(result)
             except Exception as exc:
                 await outcome.abort(context, exc)
+        return pb.RerankResponse()  # never sent: gRPC ends an aborted call with its status
 
-    async def StreamRerank(
+    async def StreamRerank(  # type: ignore[override]  # a coroutine: gRPC takes either form
         self, request_iterator: AsyncIterator[pb.StreamRerankRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamRerankResponse]:
+    ) -> None:
+        """Responses go out through context.write, not yield, so each write can be bounded by the
+        idle timeout."""
         with self._observe("StreamRerank") as outcome:
             try:
-                first = await anext(request_iterator, None)
-                if first is None or first.WhichOneof("kind") != "header":
-                    raise InvalidRequestError("the first StreamRerank message must be a header")
-                header = convert.rerank_query(first.header)
-                self._service.check_stream(header)
-                await context.send_initial_metadata(())  # accepted: the client may send the rest
-                events = self._service.stream_rerank(
-                    header, _document_chunks(request_iterator), context.time_remaining()
-                )
-                async for event in events:
-                    yield convert.stream_response(event)
+                async with self._deadline(context) as timeout:
+                    # The header first, then any refusal: refusing while the client still writes
+                    # its first message races in gRPC core (grpc issue 36066).
+                    first = await self._header(request_iterator)
+                    with self._streams.admit():
+                        await self._stream(first, request_iterator, context, timeout)
             except Exception as exc:
                 await outcome.abort(context, exc)
+
+    async def _header(self, request_iterator: AsyncIterator[pb.StreamRerankRequest]) -> pb.RerankRequest:
+        idle = self._limits.stream_idle_timeout_s
+        try:
+            first = await asyncio.wait_for(anext(request_iterator, None), idle)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the client sent no header for {idle:g} s (stream_idle_timeout_s)"
+            ) from None
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidRequestError("the first StreamRerank message must be a header")
+        return first.header
+
+    async def _stream(
+        self,
+        first: pb.RerankRequest,
+        request_iterator: AsyncIterator[pb.StreamRerankRequest],
+        context: grpc.aio.ServicerContext,
+        timeout: float,
+    ) -> None:
+        header = await _off_the_loop(convert.rerank_query, first, len(first.documents))
+        self._service.check_stream(header)
+        await context.send_initial_metadata(())  # accepted: the client may send the rest
+        idle = self._limits.stream_idle_timeout_s
+        events = self._service.stream_rerank(header, _document_chunks(request_iterator), timeout, idle)
+        # Closed on any exit, so the stream's queued pairs are dropped at once.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                try:
+                    async with asyncio.timeout(idle):
+                        await context.write(convert.stream_response(event))
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"the client read nothing for {idle:g} s (stream_idle_timeout_s)"
+                    ) from None
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, context: grpc.aio.ServicerContext) -> AsyncIterator[float]:
+        """Runs the call's work until its effective deadline, the client's or max_call_s, whichever
+        comes first (yields the seconds left); past it, DeadlineExceededError."""
+        remaining = context.time_remaining()
+        capped = remaining is None or self._limits.max_call_s < remaining
+        timeout = self._limits.max_call_s if capped else remaining
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                yield timeout
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            if capped:
+                raise DeadlineExceededError(
+                    f"the call ran for {timeout:g} s, the longest any call may (max_call_s)"
+                ) from None
+            raise DeadlineExceededError("the call's deadline passed") from None
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -83,21 +187,28 @@ class RerankerServicer(pb_grpc.RerankerServicer):
         return convert.list_models_response(self._service.list_models())
 
     def _observe(self, method: str) -> _Outcome:
-        return _Outcome(self._metrics, method, self.calls)
+        return _Outcome(self._metrics, method, self.calls, self._limits.stream_idle_timeout_s)
 
 
 class _Outcome:
     """Ends an RPC with the status its error maps to; counts the RPC by status code and times it."""
 
-    def __init__(self, metrics: Metrics, method: str, calls: CallsInFlight) -> None:
+    def __init__(self, metrics: Metrics, method: str, calls: CallsInFlight, status_wait_s: float) -> None:
         self._metrics = metrics
         self._method = method
         self._calls = calls
+        self._status_wait_s = status_wait_s
         self._code = grpc.StatusCode.OK
 
-    async def abort(self, context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    async def abort(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        """Send the status (context.abort raises). Behind responses a client does not read, the
+        status waits too: past `status_wait_s` the handler ends anyway, and gRPC sends the status
+        once the client reads, or drops the call when the client goes."""
         self._code, message = status_of(error)
-        await context.abort(self._code, message)
+        try:
+            await asyncio.wait_for(context.abort(self._code, message), self._status_wait_s)
+        except TimeoutError:
+            return
         raise AssertionError("unreachable: context.abort raises")
 
     def __enter__(self) -> _Outcome:
@@ -114,10 +225,24 @@ class _Outcome:
         self._calls.exit()
 
 
+# A message of more documents than this is converted in a thread, so the event loop keeps answering
+# (health checks, small calls) while a message of up to max_message_mb becomes Python strings.
+DOCUMENTS_ON_THE_LOOP = 64
+
+
+async def _off_the_loop(
+    convert_message: Callable[[_Message], _Own], message: _Message, documents: int
+) -> _Own:
+    if documents <= DOCUMENTS_ON_THE_LOOP:
+        return convert_message(message)
+    return await asyncio.to_thread(convert_message, message)
+
+
 async def _document_chunks(
     request_iterator: AsyncIterator[pb.StreamRerankRequest],
 ) -> AsyncIterator[list[str]]:
     async for message in request_iterator:
         if message.WhichOneof("kind") != "documents":
             raise InvalidRequestError("only the first StreamRerank message may be a header")
-        yield list(message.documents.documents)
+        texts = message.documents.documents
+        yield await _off_the_loop(convert.documents, texts, len(texts))

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import grpc
 
 from rerank_server.errors import (
     DeadlineExceededError,
     InvalidRequestError,
+    ModelError,
     ModelNotFoundError,
     NoReplicaError,
     OverloadedError,
     ReplicaLostError,
+    UnauthenticatedError,
 )
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,8 @@ STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     NoReplicaError: grpc.StatusCode.UNAVAILABLE,
     ReplicaLostError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ModelError: grpc.StatusCode.INTERNAL,  # its message is generic; the log has the detail
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -32,5 +37,7 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     for error_type, code in STATUS_OF_ERROR.items():
         if isinstance(error, error_type):
             return code, str(error)
-    log.exception("unexpected error", exc_info=error)
+    # Where it failed, not the error's text: that may quote a caller's query or documents.
+    where = "".join(traceback.format_tb(error.__traceback__))
+    log.error("unexpected error %s, traceback:\n%s", type(error).__name__, where)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rerank_server.families.base import Family, ModelFiles, ModelSpec
+from rerank_server.families.base import Family, ModelFiles, ModelSpec, RowOptions
 from rerank_server.families.cross_encoder import (
     CrossEncoderRows,
     SequenceClassifierScorer,
@@ -58,6 +58,11 @@ class STCrossEncoderRows(CrossEncoderRows):
     def query_limit(self, max_length: int, query_length: int, document_length: int) -> int:
         budget = max_length - self._layout.special_tokens
         return longest_first(query_length, document_length, budget)[0]
+
+    def document_need(self, options: RowOptions, query_length: int) -> int:
+        """longest_first keeps the same query tokens beside every document longer than both the
+        budget and the query, so the rows need to know only that much of the document."""
+        return max(super().document_need(options, query_length), query_length)
 
 
 FAMILY = Family(

@@ -13,6 +13,12 @@ length); an unfilled batch waits up to `max_wait` for more pairs.
 Interactive requests come before bulk ones (streams): while any interactive pair is queued,
 batches hold interactive pairs only, and a bulk batch may be held to fewer tokens (the scheduler
 sizes it to a short time), so an interactive request never waits long behind bulk work.
+
+The queue is bounded in pairs and in tokens (its memory). An interactive request past either bound,
+or one that would wait longer than `max_delay` behind the interactive work queued ahead of it, is
+refused at once. Bulk work waits for room instead, and fills at most `BULK_SHARE` of either bound,
+so streams never crowd interactive requests out; a bulk part that alone passes that share is taken
+when the queue is empty, so no stream can wait forever.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from rerank_server.families.base import Row
 # unless its padding stays within PAD_SLACK tokens in all (too little to split a batch for).
 MIN_REAL_SHARE = 0.9
 PAD_SLACK = 128
+# Bulk work (streams) may fill this share of the queue's bounds; the rest is kept for interactive calls.
+BULK_SHARE = 0.5
 
 
 class PairOwner(Protocol):
@@ -76,39 +84,89 @@ class BatchPlan:
 
 
 class PairQueue:
-    def __init__(self, max_batch_tokens: int, max_batch_size: int, max_pairs: int, max_wait: float) -> None:
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_pairs: int,
+        max_wait: float,
+        *,
+        max_tokens: int | None = None,
+        max_delay: float = 0.0,
+    ) -> None:
+        """`max_tokens` None: no bound in tokens; `max_delay` (seconds) 0: no bound on the wait."""
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_pairs = max_pairs
+        self.max_tokens = max_tokens
+        self.max_delay = max_delay
         self.max_wait = max_wait
         # Each owner's pairs, longest first (ties: in the order they came).
         self._by_owner: OrderedDict[PairOwner, list[QueuedRow]] = OrderedDict()
         self._size = 0
+        self.tokens = 0  # real tokens queued, of every owner
+        self.interactive_tokens = 0  # of those, the interactive owners'
 
     def __len__(self) -> int:
         return self._size
 
-    def check_room(self, pairs: int) -> None:
-        """Raise OverloadedError when `pairs` more would pass the queue's bound."""
+    def check_room(self, pairs: int, tokens: int = 0, *, speed: float | None = None) -> None:
+        """Raise OverloadedError when an interactive request of `pairs` (and `tokens`) would pass a
+        bound, or, given the replicas' `speed` in tokens per second, would wait past `max_delay`
+        behind the interactive work queued ahead of it."""
         if self._size + pairs > self.max_pairs:
             raise OverloadedError(
                 f"queue full: {self._size} pairs queued, {pairs} more would pass the limit "
-                f"of {self.max_pairs}; retry later"
+                f"of {self.max_pairs} (max_queued_pairs); retry later"
             )
+        if self.max_tokens is not None and self.tokens + tokens > self.max_tokens:
+            raise OverloadedError(
+                f"queue full: {self.tokens} tokens queued, {tokens} more would pass the limit "
+                f"of {self.max_tokens} (max_queued_tokens); retry later"
+            )
+        if self.max_delay and speed:
+            delay = self.interactive_tokens / speed
+            if delay > self.max_delay:
+                raise OverloadedError(
+                    f"queue too long: about {1000 * delay:.0f} ms of work queued ahead, past the limit "
+                    f"of {1000 * self.max_delay:.0f} ms (max_queue_delay_ms); retry later"
+                )
 
-    def push(self, owner: PairOwner, pairs: Iterable[QueuedRow], *, admit_over_limit: bool = False) -> None:
-        """Queue a request's pairs, all or none: past the bound it raises OverloadedError at once."""
+    def has_bulk_room(self, pairs: int, tokens: int) -> bool:
+        """Whether bulk work of `pairs` and `tokens` may be queued now: within BULK_SHARE of the
+        bounds, or into an empty queue (a part larger than the share alone)."""
+        if not self._size:
+            return True
+        if self._size + pairs > BULK_SHARE * self.max_pairs:
+            return False
+        return self.max_tokens is None or self.tokens + tokens <= BULK_SHARE * self.max_tokens
+
+    def push(self, owner: PairOwner, pairs: Iterable[QueuedRow]) -> None:
+        """Queue a request's pairs, all or none: past the bound it raises OverloadedError at once
+        (bulk work checks `has_bulk_room` first, and waits for it)."""
         ordered = sorted(pairs, key=lambda p: p.length, reverse=True)
         if not ordered:
             return
-        if not admit_over_limit:
-            self.check_room(len(ordered))
+        tokens = sum(pair.length for pair in ordered)
+        if not owner.bulk:
+            self.check_room(len(ordered), tokens)
+        elif not self.has_bulk_room(len(ordered), tokens):
+            raise OverloadedError(
+                f"queue full for streams: {self._size} pairs and {self.tokens} tokens queued; retry later"
+            )
         added = len(ordered)
         queued = self._by_owner.get(owner)
         if queued:
             ordered = sorted([*queued, *ordered], key=lambda p: p.length, reverse=True)
         self._by_owner[owner] = ordered
         self._size += added
+        self._count_tokens(owner, tokens)
+
+    def _count_tokens(self, owner: PairOwner, tokens: int) -> None:
+        """Add (or, negative, remove) an owner's queued tokens."""
+        self.tokens += tokens
+        if not owner.bulk:
+            self.interactive_tokens += tokens
 
     def requeue(self, pairs: Iterable[QueuedRow]) -> None:
         """Put back pairs a lost replica held, ahead of their owners' other pairs."""
@@ -121,19 +179,23 @@ class PairQueue:
                 bisect.insort_left(queue, pair, key=_descending)
             self._by_owner.move_to_end(owner, last=False)
             self._size += len(owned)
+            self._count_tokens(owner, sum(pair.length for pair in owned))
 
     def drop(self, owner: PairOwner) -> int:
         """Forget an owner's pending pairs (cancelled, failed); returns how many."""
         queue = self._by_owner.pop(owner, None)
-        count = len(queue) if queue else 0
-        self._size -= count
-        return count
+        if not queue:
+            return 0
+        self._size -= len(queue)
+        self._count_tokens(owner, -sum(pair.length for pair in queue))
+        return len(queue)
 
     def drain(self) -> list[PairOwner]:
         """Drop everything; returns the owners that had pairs queued."""
         owners = list(self._by_owner)
         self._by_owner.clear()
         self._size = 0
+        self.tokens = self.interactive_tokens = 0
         return owners
 
     def has_interactive(self) -> bool:
@@ -203,6 +265,7 @@ class PairQueue:
         counts: dict[PairOwner, int] = {}
         for pair in taken:
             counts[pair.owner] = counts.get(pair.owner, 0) + 1
+            self._count_tokens(pair.owner, -pair.length)
         for owner in [o for o in owners if o in counts]:
             queue = self._by_owner[owner]
             del queue[starts[owner] : starts[owner] + counts[owner]]  # a run: taken longest first

@@ -9,12 +9,17 @@ Bulk work (streams) is kept short in time so that interactive requests get throu
 batch holds about `bulk_batch_s` of work at the replicas' measured speed (padded tokens per
 second), and goes only to a replica with nothing in flight, so a new interactive request waits at
 most for one such batch.
+
+Faults: a batch running far longer than its size predicts marks its replica hung (the watchdog),
+which the pool then replaces, and the batch runs once more elsewhere, as after any lost replica. A
+batch the model raises on runs again as one batch per request, so only the request at fault fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import count
 from typing import TYPE_CHECKING, Protocol, cast
@@ -23,12 +28,14 @@ import numpy as np
 
 from rerank_server.errors import (
     DeadlineExceededError,
+    ModelError,
     NoReplicaError,
     ReplicaLostError,
     RerankServerError,
 )
 from rerank_server.families.base import ModelSpec, Row, TokenBatch, pack_rows
 from rerank_server.scheduling.batcher import PairOwner, PairQueue, QueuedRow
+from rerank_server.scheduling.watchdog import BatchWatchdog
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -60,6 +67,11 @@ class Replicas(Protocol):
         ...
 
     def dispatch(self, replica: object, batch_id: int, batch: TokenBatch) -> None: ...
+
+    def replace_hung(self, replica: object, batch_id: int) -> None:
+        """End the replica's worker, still running `batch_id` far past its time; its batches come
+        back lost."""
+        ...
 
 
 class Ticket:
@@ -125,6 +137,9 @@ class Scheduler:
         replicas: Replicas,
         metrics: ModelMetrics,
         bulk_batch_s: float = 0.1,
+        *,
+        batch_timeout_factor: float = 10.0,
+        batch_timeout_floor_s: float = 10.0,
     ) -> None:
         self._spec = spec
         self._queue = queue
@@ -136,6 +151,12 @@ class Scheduler:
         self._in_flight: dict[int, tuple[list[QueuedRow], int]] = {}  # batch id -> pairs, padded tokens
         self._timer: asyncio.TimerHandle | None = None
         self.tokens_per_s: float | None = None  # one replica's measured speed
+        self._waiting_for_room: dict[Ticket, None] = {}  # bulk requests waiting for queue room, in order
+        self._batch_timeout_factor = batch_timeout_factor
+        self._batch_timeout_floor_s = batch_timeout_floor_s
+        self._watchdog = BatchWatchdog(self._loop, self._on_hung)
+        self._isolated: deque[list[QueuedRow]] = deque()  # one request's pairs each, to run alone
+        self._alone: set[int] = set()  # batches in flight that hold one request run apart
 
     def now(self) -> float:
         return self._loop.time()
@@ -154,21 +175,46 @@ class Scheduler:
         now = self.now()
         return Ticket(None if timeout is None else now + timeout, on_scores, now, on_failure, bulk)
 
-    def submit(self, ticket: Ticket, rows: Sequence[Row], *, admit_over_limit: bool = False) -> None:
-        """Queue a request's rows; raises OverloadedError or NoReplicaError at once."""
+    def submit(self, ticket: Ticket, rows: Sequence[Row]) -> None:
+        """Queue a request's rows; raises OverloadedError or NoReplicaError at once (a bulk
+        request awaits `wait_for_room` first)."""
         ticket.raise_if_failed()
         self._require_a_replica()
         now = self.now()
         queued = [QueuedRow(ticket, row, now) for row in rows]
-        self._queue.push(ticket, queued, admit_over_limit=admit_over_limit)
+        self._queue.push(ticket, queued)
         ticket.pending += len(queued)
         self._metrics.queued_pairs.set(len(self._queue))
         self.pump()
 
-    def check_room(self, pairs: int) -> None:
-        """Refuse early, before tokenizing, a request the queue cannot take now."""
+    async def wait_for_room(self, ticket: Ticket, rows: Sequence[Row]) -> None:
+        """Wait until the queue has room for a bulk request's rows: backpressure on a stream, where
+        an interactive request would fail. Raises the request's error if it fails meanwhile."""
+        tokens = sum(row.length for row in rows)
+        while not self._queue.has_bulk_room(len(rows), tokens):
+            ticket.raise_if_failed()
+            self._waiting_for_room[ticket] = None
+            ticket.changed.clear()
+            try:
+                await ticket.changed.wait()
+            finally:
+                self._waiting_for_room.pop(ticket, None)
+        ticket.raise_if_failed()
+
+    def _room_freed(self) -> None:
+        """Wake the bulk requests waiting for room; each checks again whether it fits."""
+        for ticket in self._waiting_for_room:
+            ticket.changed.set()
+
+    def check_room(self, pairs: int, *, bulk: bool = False) -> None:
+        """Refuse early, before tokenizing, a request the queue cannot take now: an interactive one
+        past the queue's bounds, or that would wait too long behind the interactive work queued
+        (at the ready replicas' measured speed). Bulk requests wait for room instead."""
         self._require_a_replica()
-        self._queue.check_room(pairs)
+        if bulk:
+            return
+        speed = None if self.tokens_per_s is None else self.tokens_per_s * self._replicas.ready_count
+        self._queue.check_room(pairs, speed=speed)
 
     def _require_a_replica(self) -> None:
         if self._replicas.ready_count == 0:
@@ -184,6 +230,7 @@ class Scheduler:
             expired = ticket.deadline is not None and ticket.deadline <= self.now()
             self._metrics.pairs_dropped("deadline" if expired else "cancelled").inc(dropped)
             self._metrics.queued_pairs.set(len(self._queue))
+            self._room_freed()
 
     def bulk_max_tokens(self) -> int:
         """The padded tokens a bulk batch may hold: about bulk_batch_s of one replica's work."""
@@ -193,6 +240,7 @@ class Scheduler:
 
     def pump(self) -> None:
         """Fill idle replicas with batches while there is work."""
+        self._dispatch_isolated()
         while (replica := self._replicas.idle_replica(busy_ok=self._queue.has_interactive())) is not None:
             # An unfilled batch waits for more pairs only where it would wait for the replica anyway.
             plan = self._queue.next_batch(
@@ -211,6 +259,7 @@ class Scheduler:
                 break
             self._dispatch(replica, plan.pairs)
         self._metrics.queued_pairs.set(len(self._queue))
+        self._room_freed()
 
     def _arm_timer(self, when: float) -> None:
         if self._timer is not None and self._timer.when() <= when:
@@ -223,7 +272,20 @@ class Scheduler:
         self._timer = None
         self.pump()
 
-    def _dispatch(self, replica: object, pairs: list[QueuedRow]) -> None:
+    def _dispatch_isolated(self) -> None:
+        """The requests of a batch the model failed on run apart, one per batch, before the queue."""
+        while self._isolated and (replica := self._replicas.idle_replica()) is not None:
+            pairs = self._isolated.popleft()
+            ticket = _ticket(pairs[0].owner)
+            if ticket.closed or ticket.error is not None:
+                continue
+            if ticket.deadline is not None and ticket.deadline <= self.now():
+                ticket.fail(DeadlineExceededError("deadline passed while queued"))
+                self._metrics.pairs_dropped("deadline").inc(len(pairs))
+                continue
+            self._dispatch(replica, pairs, alone=True)
+
+    def _dispatch(self, replica: object, pairs: list[QueuedRow], *, alone: bool = False) -> None:
         batch_id = next(self._batch_ids)
         batch = pack_rows([pair.row for pair in pairs], self._spec)
         now = self.now()
@@ -238,15 +300,42 @@ class Scheduler:
         self._metrics.batch_pairs.observe(batch.rows)
         self._metrics.batch_tokens.observe(padded)
         self._metrics.batch_real_tokens.inc(len(batch.tokens["input_ids"]))
+        if alone:
+            self._alone.add(batch_id)
+        self._watchdog.watch(replica, batch_id, self.batch_budget(padded))
         self._replicas.dispatch(replica, batch_id, batch)
+
+    def batch_budget(self, padded: int) -> float:
+        """How long a batch of `padded` tokens may run before its replica counts as hung: its
+        predicted time (at the measured speed) times the factor, and never under the floor. Until a
+        batch has been timed, the floor times the factor: a large model's first full batch on a
+        CPU may take far longer than the floor, and must not be taken for a hang."""
+        if self.tokens_per_s is None:
+            return self._batch_timeout_floor_s * self._batch_timeout_factor
+        return max(self._batch_timeout_floor_s, self._batch_timeout_factor * padded / self.tokens_per_s)
+
+    def _on_hung(self, replica: object, batch_id: int, budget_s: float) -> None:
+        log.error("batch %d still runs after %.1f s, its budget: replacing its replica", batch_id, budget_s)
+        self._replicas.replace_hung(replica, batch_id)
+
+    def _take_in_flight(self, batch_id: int) -> tuple[list[QueuedRow], int, bool] | None:
+        """A batch that came back: its pairs, padded tokens and whether it held one request run apart
+        (None if it is no longer awaited)."""
+        entry = self._in_flight.pop(batch_id, None)
+        if entry is None:
+            return None
+        self._watchdog.finished(batch_id)
+        alone = batch_id in self._alone
+        self._alone.discard(batch_id)
+        return (*entry, alone)
 
     # Called by the worker pool, on the event loop.
 
     def on_batch_done(self, batch_id: int, scores: npt.NDArray[np.float32], seconds: float) -> None:
-        done = self._in_flight.pop(batch_id, None)
+        done = self._take_in_flight(batch_id)
         if done is None:
             return
-        pairs, padded = done
+        pairs, padded, _ = done
         if seconds > 0:
             speed = padded / seconds
             previous = self.tokens_per_s
@@ -265,11 +354,11 @@ class Scheduler:
         self.pump()
 
     def on_batch_lost(self, batch_id: int, reason: str) -> None:
-        """A replica died (or failed) holding a batch: run its pairs again once, elsewhere."""
-        lost = self._in_flight.pop(batch_id, None)
+        """A replica died (or hung) holding a batch: run its pairs again once, elsewhere."""
+        lost = self._take_in_flight(batch_id)
         if lost is None:
             return
-        pairs = lost[0]
+        pairs, _, alone = lost
         self._metrics.batches_lost.inc()
         retry = []
         for pair in pairs:
@@ -283,14 +372,47 @@ class Scheduler:
                 pair.attempts += 1
                 retry.append(pair)
         log.warning("batch %d lost (%s); retrying %d pairs", batch_id, reason, len(retry))
-        self._queue.requeue(retry)
+        if alone and retry:
+            self._isolated.appendleft(retry)  # still apart: its request may be the one at fault
+        else:
+            self._queue.requeue(retry)
+        self.pump()
+
+    def on_batch_failed(self, batch_id: int, reason: str) -> None:
+        """The model raised on a batch. Its requests run again apart, one batch each, so that only
+        the one at fault fails (ModelError); a batch of one request fails it at once."""
+        failed = self._take_in_flight(batch_id)
+        if failed is None:
+            return
+        pairs, _, alone = failed
+        self._metrics.batches_failed.inc()
+        by_ticket: dict[Ticket, list[QueuedRow]] = {}
+        for pair in pairs:
+            ticket = _ticket(pair.owner)
+            if not ticket.closed and ticket.error is None:
+                by_ticket.setdefault(ticket, []).append(pair)
+        if alone or len(by_ticket) == 1:
+            # The exception's text goes to the log only: it may echo the request's input.
+            log.error("batch %d: the model failed on one request's pairs: %s", batch_id, reason)
+            for ticket in by_ticket:
+                ticket.fail(ModelError())
+                self._queue.drop(ticket)
+        elif by_ticket:
+            log.warning(
+                "batch %d: the model failed (%s); running its %d requests apart",
+                batch_id,
+                reason,
+                len(by_ticket),
+            )
+            self._isolated.extend(by_ticket.values())
         self.pump()
 
     def on_replicas_changed(self, ready: int) -> None:
         self._metrics.replicas_ready.set(ready)
         if ready == 0:
-            for owner in self._queue.drain():
+            for owner in [*self._queue.drain(), *(pairs[0].owner for pairs in self._isolated)]:
                 _ticket(owner).fail(NoReplicaError("no model replica is running; retry shortly"))
+            self._isolated.clear()
             self._metrics.queued_pairs.set(0)
         self.pump()
 
@@ -298,10 +420,13 @@ class Scheduler:
         """Fail every request still waiting (the server is stopping)."""
         for owner in self._queue.drain():
             _ticket(owner).fail(error)
-        for pairs, _ in self._in_flight.values():
+        for pairs in [*(pairs for pairs, _ in self._in_flight.values()), *self._isolated]:
             for pair in pairs:
                 _ticket(pair.owner).fail(error)
         self._in_flight.clear()
+        self._isolated.clear()
+        self._alone.clear()
+        self._watchdog.clear()
         self._metrics.queued_pairs.set(0)
 
 

@@ -1,4 +1,4 @@
-"""A checked request, and the usage and timings its answer reports."""
+"""A checked request, the usage and timings its answer reports, and the size its reply may reach."""
 
 from __future__ import annotations
 
@@ -10,10 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from rerank_server.errors import InvalidRequestError
 from rerank_server.families.base import Row, RowOptions
 from rerank_server.models.registry import ServedModel
 from rerank_server.scheduling.scheduler import Ticket
 from rerank_server.types import RerankQuery, Timings, Usage
+
+MIB = 1024 * 1024
+# What a result adds to a reply besides its text, at most (index, score, field tags and lengths),
+# and what the reply holds besides its results and model name (usage, timings).
+RESULT_BYTES = 24
+REPLY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,23 @@ def timings_of(ticket: Ticket, tokenize_ms: float, started: float) -> Timings:
         else 0.0
     )
     return Timings(tokenize_ms, queue_ms, inference_ms, ms_since(started))
+
+
+def text_bytes(text: str) -> int:
+    """A text's size in a reply (UTF-8)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def check_reply_size(text_size: int, results: int, model: str, limit: int) -> None:
+    """Refuse (INVALID_ARGUMENT) a reply of `results` results whose texts take `text_size` bytes
+    when it could pass the largest message the server sends, rather than fail it after the work."""
+    size = text_size + results * RESULT_BYTES + REPLY_BYTES + len(model.encode())
+    if size > limit:
+        raise InvalidRequestError(
+            f"the reply with return_documents would take about {size / MIB:.1f} MiB, over the limit of "
+            f"{limit / MIB:g} MiB (max_message_mb); ask for fewer documents (top_n) or leave "
+            "return_documents off"
+        )
 
 
 def ms_since(start: float) -> float:

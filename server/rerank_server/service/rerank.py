@@ -2,13 +2,17 @@
 
 Transport-neutral: takes `RerankQuery`, returns `RerankResult`; the gRPC edge converts protobuf on
 either side. It speaks of documents (what users and limits count); the queue counts rows.
+
+Requests take turns at the tokenizer: each tokenizes its documents in slices, one executor job at a
+time, so a small request waits for at most one slice of each large one, not for all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -19,9 +23,22 @@ from rerank_server.errors import InvalidRequestError, NoReplicaError
 from rerank_server.families.base import PairTooLongError, Row, RowOptions
 from rerank_server.models.registry import ModelRegistry
 from rerank_server.ranking import order
-from rerank_server.service.request import Prepared, ms_since, timings_of, usage_of
+from rerank_server.service.request import (
+    MIB,
+    Prepared,
+    check_reply_size,
+    ms_since,
+    text_bytes,
+    timings_of,
+    usage_of,
+)
 from rerank_server.service.stream import StreamSession
 from rerank_server.types import ModelInfo, RankedDocument, RerankQuery, RerankResult
+
+# A tokenizer job holds at most this many documents, or about this many characters (one document
+# at least): large enough that slicing costs nothing measurable, small enough to take turns often.
+SLICE_DOCUMENTS = 256
+SLICE_CHARACTERS = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,7 @@ class RequestLimits:
     max_chunks: int = 10
     max_query_chars: int = 20_000
     max_document_chars: int = 200_000
+    max_message_bytes: int = 64 * MIB  # the largest reply the server may send
 
 
 class RerankService:
@@ -55,6 +73,8 @@ class RerankService:
                 f"{len(request.documents)} documents exceed the limit of {self._limits.max_documents} "
                 "per Rerank request; use StreamRerank for larger sets"
             )
+        if request.return_documents:
+            self._check_reply_size(prepared, request.documents)
         scheduler = prepared.model.scheduler
         scheduler.check_room(len(request.documents))
         tokenize_started = time.perf_counter()
@@ -84,19 +104,37 @@ class RerankService:
             timings=timings_of(ticket, tokenize_ms, started),
         )
 
+    def _check_reply_size(self, prepared: Prepared, documents: Sequence[str]) -> None:
+        """Refuse, before any work, a reply whose documents could not be sent: the top_n largest
+        (or all) of them, as any top_n may be the best."""
+        top_n = prepared.request.top_n
+        sizes = [text_bytes(document) for document in documents]
+        returned = heapq.nlargest(top_n, sizes) if 0 < top_n < len(sizes) else sizes
+        check_reply_size(sum(returned), len(returned), prepared.model.name, self._limits.max_message_bytes)
+
     def stream_rerank(
-        self, header: RerankQuery, more_documents: AsyncIterator[list[str]], timeout: float | None
-    ) -> AsyncIterator[list[RankedDocument] | RerankResult]:
+        self,
+        header: RerankQuery,
+        more_documents: AsyncIterator[list[str]],
+        timeout: float | None,
+        idle_timeout: float | None = None,
+    ) -> AsyncGenerator[list[RankedDocument] | RerankResult, None]:
         """Scored documents as they finish, then the final top_n (see StreamSession)."""
         prepared = self.prepare(header, streaming=True)
-        session = StreamSession(prepared, partial(self.build_rows, prepared), self._limits.stream_window)
+        session = StreamSession(
+            prepared,
+            partial(self.build_rows, prepared),
+            self._limits.stream_window,
+            idle_timeout=idle_timeout,
+            max_reply_bytes=self._limits.max_message_bytes,
+        )
         return session.run(more_documents, timeout)
 
     def check_stream(self, header: RerankQuery) -> None:
-        """Refuse a stream whose header is invalid, or whose first documents the queue cannot take,
-        before the client sends the rest."""
+        """Refuse a stream whose header is invalid, or that no replica could serve, before the
+        client sends the rest (a full queue only holds a stream back)."""
         prepared = self.prepare(header, streaming=True)
-        prepared.model.scheduler.check_room(len(header.documents))
+        prepared.model.scheduler.check_room(len(header.documents), bulk=True)
 
     def prepare(self, request: RerankQuery, *, streaming: bool) -> Prepared:
         """Validate what does not depend on the documents; resolve the options against the model."""
@@ -167,12 +205,37 @@ class RerankService:
                     f"document {first_document + position} has {len(document)} characters; the limit "
                     f"is {limit} (max_document_chars)"
                 )
-        build = partial(
-            prepared.model.rows.rows, prepared.request.query, documents, prepared.options, first_document
-        )
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, build)
-        except PairTooLongError as exc:
-            raise InvalidRequestError(
-                f"{exc}; allow truncation (TRUNCATION_END or TRUNCATION_CHUNK) or raise max_length"
-            ) from exc
+        loop = asyncio.get_running_loop()
+        rows: list[Row] = []
+        for start, end in _slices(documents):
+            build = partial(
+                prepared.model.rows.rows,
+                prepared.request.query,
+                documents[start:end],
+                prepared.options,
+                first_document + start,
+            )
+            try:
+                rows += await loop.run_in_executor(self._executor, build)
+            except PairTooLongError as exc:
+                raise InvalidRequestError(
+                    f"{exc}; allow truncation (TRUNCATION_END or TRUNCATION_CHUNK) or raise max_length"
+                ) from exc
+        return rows
+
+
+def _slices(documents: Sequence[str]) -> Iterator[tuple[int, int]]:
+    """[start, end) of consecutive slices of at most SLICE_DOCUMENTS documents and, past the first
+    document, SLICE_CHARACTERS characters."""
+    start = 0
+    while start < len(documents):
+        end, characters = start + 1, len(documents[start])
+        while (
+            end < len(documents)
+            and end - start < SLICE_DOCUMENTS
+            and characters + len(documents[end]) <= SLICE_CHARACTERS
+        ):
+            characters += len(documents[end])
+            end += 1
+        yield start, end
+        start = end

@@ -5,7 +5,9 @@ front-end writes the next batch while the worker runs the current one. A
 reader thread per worker turns its pipe messages into calls on the event loop.
 A worker's death shows as end-of-file on its pipe: the batches it held are
 reported lost (the scheduler runs them again elsewhere), and a new process
-takes its place after a backoff.
+takes its place after a backoff. A worker is replaced when it crashes, when the
+scheduler finds it hung (`replace_hung` kills it), and when its device broke (it
+reports the batch failed and exits with `DEVICE_FAILED_EXIT_CODE`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from rerank_server.families.base import ModelSpec, TokenBatch
 from rerank_server.transport.shm import OwnedSegment, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 from rerank_server.workers.stand_in import StandIn
-from rerank_server.workers.worker import BatchDone, BatchFailed, Ready, StartFailed, WorkerConfig, run_worker
+from rerank_server.workers.worker import (
+    DEVICE_FAILED_EXIT_CODE,
+    BatchDone,
+    BatchFailed,
+    Ready,
+    StartFailed,
+    WorkerConfig,
+    run_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +52,12 @@ class PoolListener(Protocol):
 
     def on_batch_lost(self, batch_id: int, reason: str) -> None: ...
 
+    def on_batch_failed(self, batch_id: int, reason: str) -> None: ...
+
     def on_replicas_changed(self, ready: int) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # a replica is itself (hashable by identity), whatever its state
 class Replica:
     name: str  # in logs: the model's label and the replica's index, e.g. "m0/1"
     plan: ReplicaPlan
@@ -58,6 +70,7 @@ class Replica:
     free_segments: list[int] = field(default_factory=list)
     in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch id -> (segment, rows)
     failures: int = 0
+    replaced_because: str | None = None  # set when the pool ends the worker itself: "hung"
 
 
 class WorkerPool:
@@ -71,7 +84,7 @@ class WorkerPool:
         label: str = "m0",
         log_level: str = "INFO",
         stand_in: StandIn | None = None,
-        on_restart: Callable[[], None] = lambda: None,
+        on_restart: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self._spec = spec
         self._layout = layout
@@ -132,6 +145,20 @@ class WorkerPool:
             # The worker is gone; its reader thread reports the exit and the batch is retried then.
             log.warning("replica %s: pipe closed while sending batch %d", replica.name, batch_id)
 
+    def replace_hung(self, replica: object, batch_id: int) -> None:
+        """Kill the worker still running `batch_id` (SIGKILL: a stopped process dies of it too). Its
+        exit, seen by its reader thread, reaps it, reports its batches lost and restarts it."""
+        assert isinstance(replica, Replica)
+        process = replica.process
+        if batch_id not in replica.in_flight or process is None:
+            return  # the batch came back (or the worker died) meanwhile
+        log.error(
+            "replica %s: worker pid %s hung on batch %d; killing it", replica.name, process.pid, batch_id
+        )
+        replica.state = "dead"  # no more batches for it while it dies
+        replica.replaced_because = "hung"
+        process.kill()
+
     async def stop(self) -> None:
         """Stop every worker, then free the shared memory; also after workers crashed."""
         self._stopping = True
@@ -165,6 +192,7 @@ class WorkerPool:
             return
         replica.generation += 1
         replica.state = "starting"
+        replica.replaced_because = None
         replica.in_flight.clear()
         replica.free_segments = list(range(len(replica.segments)))
         config = WorkerConfig(
@@ -222,7 +250,10 @@ class WorkerPool:
                 scores = replica.segments[segment].read_scores(rows)
                 self._listener.on_batch_done(message.batch_id, scores, message.seconds)
             else:
-                self._listener.on_batch_lost(message.batch_id, message.message)
+                if message.device_failed:
+                    replica.state = "dead"  # it exits next; no more batches for it
+                    log.error("replica %s: device failed; replacing the worker", replica.name)
+                self._listener.on_batch_failed(message.batch_id, message.message)
         elif isinstance(message, Ready):
             replica.state, replica.failures = "ready", 0
             log.info("replica %s ready (pid %d)", replica.name, message.pid)
@@ -233,15 +264,16 @@ class WorkerPool:
     def _on_exit(self, replica: Replica, generation: int, code: int | None) -> None:
         if generation != replica.generation or self._stopping or self._listener is None:
             return
-        log.error("replica %s: worker exited (code %s); restarting", replica.name, code)
+        reason = replica.replaced_because or ("device" if code == DEVICE_FAILED_EXIT_CODE else "exited")
+        log.error("replica %s: worker exited (code %s, %s); restarting", replica.name, code, reason)
         replica.state = "dead"
         lost = list(replica.in_flight)
         replica.in_flight.clear()
         for batch_id in lost:
-            self._listener.on_batch_lost(batch_id, f"worker exited with code {code}")
+            self._listener.on_batch_lost(batch_id, f"worker {reason} (exit code {code})")
         self._listener.on_replicas_changed(self.ready_count)
         backoff = min(MAX_RESTART_BACKOFF_S, self._restart_backoff_s * 2**replica.failures)
         replica.failures += 1
-        self._on_restart()
+        self._on_restart(reason)
         assert self._loop is not None
         self._loop.call_later(backoff, self._spawn, replica)

@@ -24,6 +24,16 @@ from rerank_server.workers.stand_in import StandIn
 log = logging.getLogger(__name__)
 
 WARMUP_LENGTHS = (16, 12, 8, 4)  # rows of different lengths, so padding paths run too
+# A worker whose device broke exits with this code, so the supervisor replaces it (and says why).
+DEVICE_FAILED_EXIT_CODE = 3
+# Words of an error that leaves the device unusable: after one, a CUDA context fails every later call.
+BROKEN_DEVICE_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,17 @@ class BatchDone:
 class BatchFailed:
     batch_id: int
     message: str
+    device_failed: bool = False  # the worker exits next: its device cannot run anything more
+
+
+def device_is_broken(error: BaseException) -> bool:
+    """Whether a scoring error leaves the device unusable, so the worker must be replaced, rather
+    than failing its batch alone. Running out of memory fails only the batch: its memory is freed."""
+    text = str(error)
+    if "out of memory" in text or any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
+        return False
+    # torch raises AcceleratorError for any fault the device reports.
+    return type(error).__name__ == "AcceleratorError" or any(m in text for m in BROKEN_DEVICE_MARKERS)
 
 
 def run_worker(config: WorkerConfig, conn: Connection) -> None:
@@ -82,10 +103,14 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
         return
     conn.send(Ready(os.getpid()))
     try:
-        _serve(scorer, segments, conn)
+        code = serve_batches(scorer, segments, conn)
     finally:
         for segment in segments:
             segment.close()
+    if code:
+        conn.close()
+        logging.shutdown()
+        os._exit(code)  # at once: tearing down a broken device may hang
 
 
 def _load(config: WorkerConfig) -> Scorer:
@@ -116,21 +141,31 @@ def _warmup_row(spec: ModelSpec, length: int) -> Row:
     return Row(0, columns, dict(spec.row_values))
 
 
-def _serve(scorer: Scorer, segments: list[AttachedSegment], conn: Connection) -> None:
+def serve_batches(scorer: Scorer, segments: list[AttachedSegment], conn: Connection) -> int:
+    """Score batches until told to stop (returns 0) or the device breaks (returns the exit code).
+
+    A batch the model raises on is reported failed and the loop goes on: the front-end runs its
+    requests apart to find the one at fault.
+    """
     while True:
         try:
             descriptor: BatchDescriptor | None = conn.recv()
         except (EOFError, OSError):
-            return  # the front-end is gone
+            return 0  # the front-end is gone
         if descriptor is None:
-            return
+            return 0
         started = time.perf_counter()
         try:
             batch = segments[descriptor.segment].read_batch(descriptor)
             scores = scorer.score(batch)
             segments[descriptor.segment].write_scores(np.asarray(scores, dtype=np.float32))
         except Exception as exc:
-            log.exception("batch %d failed", descriptor.batch_id)
-            conn.send(BatchFailed(descriptor.batch_id, f"{type(exc).__name__}: {exc}"))
+            broken = device_is_broken(exc)
+            log.exception(
+                "batch %d failed%s", descriptor.batch_id, "; the device is broken" if broken else ""
+            )
+            conn.send(BatchFailed(descriptor.batch_id, f"{type(exc).__name__}: {exc}", broken))
+            if broken:
+                return DEVICE_FAILED_EXIT_CODE
             continue
         conn.send(BatchDone(descriptor.batch_id, time.perf_counter() - started))
