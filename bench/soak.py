@@ -821,9 +821,8 @@ def _requests_section(result: dict[str, Any]) -> list[str]:
         "The client retries UNAVAILABLE and RESOURCE_EXHAUSTED (up to 20 attempts, backoff up to 2 s). "
         "A stream fails with UNAVAILABLE, as documented, when for a moment no replica is live (the "
         "scheduler then fails every request queued) or a replica lost its pairs twice; the client does "
-        "not retry it, as it is under way once a second chunk was taken, and the client takes the "
-        "second chunk without waiting for the server to accept the header, so even a stream refused "
-        "at its header (no replica ready) is not retried.",
+        "not retry a stream under way (a second chunk taken from the caller's documents, or a "
+        "response received), only one refused at its header, before the server accepted it.",
     ]
 
 

@@ -152,6 +152,42 @@ async def test_no_live_replica_means_unavailable() -> None:
         scheduler.submit(late, encoded([1], first_index=0))
 
 
+async def test_a_stream_waits_out_a_brief_outage_while_interactive_requests_fail_at_once() -> None:
+    pool = FakePool(replicas=1, slots=1)
+    scheduler, _ = make(pool, size=1)
+    got: dict[int, float] = {}
+    stream = scheduler.open(lambda idx, sc: got.update(zip(idx, sc, strict=True)), None, bulk=True)
+    scheduler.submit(stream, encoded([1, 2], first_index=0))  # one in flight, one queued
+    interactive = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(interactive, encoded([3], first_index=0))
+    pool.ready_count = 0
+    pool.lose(scheduler)  # the replica died holding the stream's batch
+    scheduler.on_replicas_changed(0)
+    with pytest.raises(NoReplicaError):
+        await interactive.wait_until_pending_at_most(0)
+    assert stream.error is None
+    scheduler.submit(stream, encoded([4], first_index=2))  # the stream's next part is taken too
+    pool.ready_count = 1  # the replica is back
+    scheduler.on_replicas_changed(1)
+    while pool.sent:
+        pool.finish(scheduler)
+    await asyncio.wait_for(stream.wait_until_pending_at_most(0), 1)
+    assert got == {0: 1.0, 1: 2.0, 2: 4.0}
+
+
+async def test_a_stream_fails_when_no_replica_comes_back_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rerank_server.scheduling.scheduler.BULK_OUTAGE_S", 0.05)
+    pool = FakePool(replicas=1, slots=1)
+    scheduler, _ = make(pool, size=1)
+    stream = scheduler.open(lambda idx, sc: None, None, bulk=True)
+    scheduler.submit(stream, encoded([1, 2], first_index=0))
+    pool.ready_count = 0
+    pool.lose(scheduler)
+    scheduler.on_replicas_changed(0)
+    with pytest.raises(NoReplicaError, match="came back"):
+        await asyncio.wait_for(stream.wait_until_pending_at_most(0), 5)
+
+
 async def test_closing_a_request_keeps_its_queued_pairs_from_the_model() -> None:
     pool = FakePool(replicas=1, slots=1)
     scheduler, metrics = make(pool, size=2)

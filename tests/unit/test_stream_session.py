@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, cast
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from rerank_server.errors import (
 from rerank_server.families.base import ModelSpec, Row, RowOptions, TokenBatch, sigmoid
 from rerank_server.metrics import Metrics
 from rerank_server.models.registry import ServedModel
+from rerank_server.scheduling import scheduler as scheduler_module
 from rerank_server.scheduling.batcher import PairQueue
 from rerank_server.scheduling.scheduler import Scheduler, ScoreSink, Ticket
 from rerank_server.service.request import REPLY_BYTES, RESULT_BYTES, Prepared
@@ -302,8 +304,10 @@ async def test_a_stream_without_documents_is_invalid() -> None:
 
 
 def replicas_gone(pool: FakePool, scheduler: Scheduler) -> None:
+    """No replica, and none comes back: past the outage a stream may wait out (here none), it fails."""
     pool.ready_count = 0
-    scheduler.on_replicas_changed(0)
+    with mock.patch.object(scheduler_module, "BULK_OUTAGE_S", 0.0):
+        scheduler.on_replicas_changed(0)
 
 
 def lost_twice(pool: FakePool, scheduler: Scheduler) -> None:

@@ -198,6 +198,10 @@ class PairQueue:
         self.tokens = self.interactive_tokens = 0
         return owners
 
+    def interactive_owners(self) -> list[PairOwner]:
+        """The owners of the interactive (not bulk) pairs queued."""
+        return [owner for owner in self._by_owner if not owner.bulk]
+
     def has_interactive(self) -> bool:
         """Whether the next batch will be an interactive one."""
         return any(not owner.bulk for owner in self._by_owner)

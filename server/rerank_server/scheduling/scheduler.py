@@ -123,6 +123,9 @@ class Ticket:
         self.raise_if_failed()
 
 
+# While no replica is ready, bulk work (streams) stays queued this long for one to come back (a
+# restart); interactive requests fail at once, so that their clients retry elsewhere.
+BULK_OUTAGE_S = 60.0
 # Until a batch has been timed, a bulk batch holds at most this many padded tokens.
 FIRST_BULK_TOKENS = 2048
 # Weight of the latest batch in the replicas' speed (padded tokens per second), a moving average.
@@ -156,6 +159,7 @@ class Scheduler:
         self._batch_timeout_floor_s = batch_timeout_floor_s
         self._watchdog = BatchWatchdog(self._loop, self._on_hung)
         self._isolated: deque[list[QueuedRow]] = deque()  # one request's pairs each, to run alone
+        self._outage: asyncio.TimerHandle | None = None  # set while no replica is ready
         self._alone: set[int] = set()  # batches in flight that hold one request run apart
 
     def now(self) -> float:
@@ -179,7 +183,8 @@ class Scheduler:
         """Queue a request's rows; raises OverloadedError or NoReplicaError at once (a bulk
         request awaits `wait_for_room` first)."""
         ticket.raise_if_failed()
-        self._require_a_replica()
+        if not (ticket.bulk and self._outage is not None):  # a stream's parts wait out an outage
+            self._require_a_replica()
         now = self.now()
         queued = [QueuedRow(ticket, row, now) for row in rows]
         self._queue.push(ticket, queued)
@@ -408,13 +413,30 @@ class Scheduler:
         self.pump()
 
     def on_replicas_changed(self, ready: int) -> None:
+        """No replica ready: interactive requests fail at once (their clients retry elsewhere);
+        streams, which cannot be retried once under way, wait up to BULK_OUTAGE_S for a restart."""
         self._metrics.replicas_ready.set(ready)
         if ready == 0:
-            for owner in [*self._queue.drain(), *(pairs[0].owner for pairs in self._isolated)]:
+            failed = [*self._queue.interactive_owners(), *(pairs[0].owner for pairs in self._isolated)]
+            for owner in failed:
+                self._queue.drop(owner)
                 _ticket(owner).fail(NoReplicaError("no model replica is running; retry shortly"))
             self._isolated.clear()
-            self._metrics.queued_pairs.set(0)
+            if self._outage is None:
+                self._outage = self._loop.call_later(BULK_OUTAGE_S, self._outage_too_long)
+        elif self._outage is not None:
+            self._outage.cancel()
+            self._outage = None
         self.pump()
+
+    def _outage_too_long(self) -> None:
+        self._outage = None
+        if self._replicas.ready_count == 0:
+            for owner in self._queue.drain():
+                _ticket(owner).fail(
+                    NoReplicaError(f"no model replica came back within {BULK_OUTAGE_S:g} s; retry later")
+                )
+            self._metrics.queued_pairs.set(0)
 
     def fail_all(self, error: RerankServerError) -> None:
         """Fail every request still waiting (the server is stopping)."""
@@ -427,6 +449,9 @@ class Scheduler:
         self._isolated.clear()
         self._alone.clear()
         self._watchdog.clear()
+        if self._outage is not None:
+            self._outage.cancel()
+            self._outage = None
         self._metrics.queued_pairs.set(0)
 
 
