@@ -155,12 +155,11 @@ def grpc_server(
 ) -> grpc.aio.Server:
     """The gRPC server with the Reranker, health and (unless turned off) reflection services, not yet
     listening; with `tokens`, every call but a health check needs one of them."""
-    max_message = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else [],
         options=[
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
     reranker_pb2_grpc.add_RerankerServicer_to_server(servicer, server)
@@ -258,7 +257,7 @@ async def serve(settings: ServerSettings) -> None:
             settings.max_chunks,
             settings.max_query_chars,
             settings.max_document_chars,
-            settings.max_message_mb * 1024 * 1024,
+            settings.max_message_bytes,
         )
         service = RerankService(health.models, limits, executor)
         servicer = RerankerServicer(

@@ -189,6 +189,12 @@ class ServerSettings(BaseSettings):
             return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         return value
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC message either way: what the server receives, sends, and checks replies
+        against."""
+        return self.max_message_mb * 1024 * 1024
+
     def stand_in(self) -> StandIn | None:
         """What the workers run instead of the model, if anything."""
         if self.scorer == "model":
