@@ -43,6 +43,10 @@ from rerank_server.workers.pool import WorkerPool
 log = logging.getLogger("rerank_server")
 
 SERVICE_NAME = reranker_pb2.DESCRIPTOR.services_by_name["Reranker"].full_name
+# A health service that is SERVING for as long as the process answers, draining included: what a
+# liveness probe asks, so that a replica reloading (NOT_SERVING on "" and SERVICE_NAME, which
+# readiness probes and balancing clients watch) is not mistaken for a dead process.
+LIVENESS_SERVICE = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -213,6 +217,7 @@ async def serve(settings: ServerSettings) -> None:
             ) from exc
         health = _Health(AsyncHealthServicer())
         await set_health(health.servicer, NOT_SERVING)
+        await health.servicer.set(LIVENESS_SERVICE, SERVING)
         served = []
         for plan, pool in zip(plans, pools, strict=True):
             queue = PairQueue(
@@ -233,6 +238,7 @@ async def serve(settings: ServerSettings) -> None:
                 batch_timeout_floor_s=settings.batch_timeout_floor_s,
             )
             schedulers.append(scheduler)
+            metrics.watch_queue(plan.name, lambda s=scheduler: s.queued_tokens, scheduler.queued_work_s)
             served.append(
                 ServedModel(
                     name=plan.name,
@@ -297,7 +303,7 @@ async def serve(settings: ServerSettings) -> None:
         # New calls get UNAVAILABLE from the service (clients retry elsewhere) while those in flight
         # finish; only then does gRPC stop, whose own refusals race its shutdown (CANCELLED).
         health.draining = service.draining = True
-        await health.servicer.enter_graceful_shutdown()
+        await set_health(health.servicer, NOT_SERVING)
         began = loop.time()
         await servicer.calls.wait_idle(settings.grace_period_s)
         await server.stop(max(0.0, settings.grace_period_s - (loop.time() - began)))

@@ -3,6 +3,7 @@ served model's name as the `model` label."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -28,6 +29,16 @@ class Metrics:
         )
         self.queued_pairs = Gauge(
             "rerank_queued_pairs", "Pairs (rows) waiting for a replica", model, registry=r
+        )
+        self.queued_tokens = Gauge(
+            "rerank_queued_tokens", "Real tokens of the pairs waiting for a replica", model, registry=r
+        )
+        self.queued_work_seconds = Gauge(
+            "rerank_queued_work_seconds",
+            "Time the ready replicas need for the queued work, at their measured speed (0 until a batch "
+            "was timed): how long a new call would queue; what an autoscaler should scale on",
+            model,
+            registry=r,
         )
         self.pairs_scored = Counter(
             "rerank_pairs_scored", "Pairs (rows) a model replica ran", model, registry=r
@@ -84,6 +95,13 @@ class Metrics:
 
     def worker_restarted(self, reason: str) -> None:
         self.worker_restarts.labels(reason).inc()
+
+    def watch_queue(
+        self, model: str, queued_tokens: Callable[[], float], work_s: Callable[[], float]
+    ) -> None:
+        """Read a model's queue at each scrape, rather than on every change."""
+        self.queued_tokens.labels(model).set_function(queued_tokens)
+        self.queued_work_seconds.labels(model).set_function(work_s)
 
     def for_model(self, name: str) -> ModelMetrics:
         return ModelMetrics(self, name)

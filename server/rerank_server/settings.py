@@ -178,6 +178,21 @@ class ServerSettings(BaseSettings):
         2.0, ge=0, description="scorer=simulated: microseconds per padded token of a batch."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json = one JSON object per line (for log collectors); text = for people; auto = "
+        "json unless standard error is a terminal.",
+    )
+    log_request_text: bool = Field(
+        False,
+        description="Debugging only: put each call's query (and its first documents) in its log line. "
+        "Off, no query or document text is ever logged.",
+    )
+    tracing: bool = Field(
+        False,
+        description="Export OpenTelemetry spans (per call: tokenize, queue, inference) over OTLP, "
+        "configured by the standard OTEL_* variables; needs the tracing extra.",
+    )
 
     @field_validator("model", "family", mode="before")
     @classmethod

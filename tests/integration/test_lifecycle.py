@@ -104,6 +104,7 @@ def test_with_no_live_replica_requests_get_unavailable(
         with pytest.raises(UnavailableError, match="no model replica"):
             client.rerank(QUERY, ["a"])
         assert client.health() == "NOT_SERVING"
+        assert client.health("liveness") == "SERVING"  # alive, only not ready: no liveness restart
         wait_until(lambda: client.health() == "SERVING", 120, "recovery")
         assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
 
@@ -122,6 +123,7 @@ def test_a_stop_signal_drains_calls_in_flight_and_exits_zero(
         with pytest.raises(RerankError) as refused:
             client.rerank(QUERY, ["late"], timeout=10)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert (client.health(), client.health("liveness")) == ("NOT_SERVING", "SERVING")
         assert len(in_flight.result(timeout=120).results) == 3
     assert server.process.wait(60) == 0
     wait_until(lambda: not any(_alive(p) for p in workers), 15, "workers to exit")

@@ -495,3 +495,24 @@ async def test_closing_a_request_frees_room_for_a_waiting_stream() -> None:
     scheduler.close(first)
     await asyncio.wait_for(waiting, 1)
     assert sample(metrics, "rerank_pairs_dropped_total", {"reason": "cancelled"}) == 4
+
+
+async def test_the_queue_gauges_read_queued_tokens_and_the_time_to_run_them() -> None:
+    pool = FakePool(replicas=2)
+    scheduler, metrics = make(pool, size=100)
+    metrics.watch_queue("m", lambda: scheduler.queued_tokens, scheduler.queued_work_s)
+    timed = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(timed, encoded([1] * 10, length=40))
+    assert sample(metrics, "rerank_queued_work_seconds") == 0  # no batch timed yet
+    for replica, batch_id, batch in list(pool.sent):  # 200 tokens in 0.2 s on each: 1000 tokens/s
+        pool.sent.remove((replica, batch_id, batch))
+        scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), 0.2)
+    pool.free = {0: 0, 1: 0}
+    waiting = scheduler.open(lambda idx, sc: None, timeout=None)
+    scheduler.submit(waiting, encoded([1] * 24, length=40))
+    assert sample(metrics, "rerank_queued_tokens") == 960
+    assert sample(metrics, "rerank_queued_work_seconds") == pytest.approx(0.48)
+    pool.ready_count = 1
+    assert sample(metrics, "rerank_queued_work_seconds") == pytest.approx(0.96)
+    scheduler.close(waiting)
+    assert sample(metrics, "rerank_queued_tokens") == 0

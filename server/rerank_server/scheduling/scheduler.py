@@ -221,6 +221,17 @@ class Scheduler:
         speed = None if self.tokens_per_s is None else self.tokens_per_s * self._replicas.ready_count
         self._queue.check_room(pairs, speed=speed)
 
+    @property
+    def queued_tokens(self) -> int:
+        return self._queue.tokens
+
+    def queued_work_s(self) -> float:
+        """Seconds the ready replicas need for the queued work at their measured speed (0 until
+        measured; with no replica ready, as if one were)."""
+        if self.tokens_per_s is None:
+            return 0.0
+        return self._queue.tokens / (self.tokens_per_s * max(1, self._replicas.ready_count))
+
     def _require_a_replica(self) -> None:
         if self._replicas.ready_count == 0:
             raise NoReplicaError("no model replica is ready; retry shortly")
