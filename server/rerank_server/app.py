@@ -159,12 +159,19 @@ def grpc_server(
 ) -> grpc.aio.Server:
     """The gRPC server with the Reranker, health and (unless turned off) reflection services, not yet
     listening; with `tokens`, every call but a health check needs one of them."""
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+            # Calls in flight when the age comes finish: none outlives max_call_s anyway.
+            ("grpc.max_connection_age_grace_ms", round(settings.max_call_s * 1000)),
+        ]
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else [],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ],
+        options=options,
     )
     reranker_pb2_grpc.add_RerankerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -68,6 +68,13 @@ class ServerSettings(BaseSettings):
         description="File of accepted bearer tokens, one per line (reread on SIGHUP); calls without "
         "one get UNAUTHENTICATED. Health checks stay open. Empty = no token needed.",
     )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="A client connection older than this is asked to reconnect (GOAWAY; its calls in "
+        "flight finish first), so balancing clients see replicas added since they resolved their "
+        "target. 0 = never.",
+    )
     reflection: bool = Field(True, description="Serve gRPC server reflection (--no-reflection turns it off).")
     devices: str = Field(
         "auto",

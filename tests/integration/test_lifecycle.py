@@ -169,3 +169,33 @@ def test_a_busy_port_stops_the_start_with_a_clear_message(bert_cross_encoder_dir
     assert started.returncode == 2
     assert f"cannot serve metrics on port {port}" in stderr
     assert leftover_segments(started.pid) == []
+
+
+def test_an_old_connection_is_recycled_without_failing_a_call(
+    start_server: StartServer, bert_cross_encoder_dir: Path
+) -> None:
+    """Past --max-connection-age-s the server asks the client to reconnect (so a balancing client
+    resolves its target again); a stream spanning that moment goes on, and no call fails."""
+    server = tiny_server(start_server, bert_cross_encoder_dir, "--max-connection-age-s", "1")
+    channel = grpc.insecure_channel(server.target)
+    states: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(states.append)
+
+    def slow_documents():
+        for i in range(6):
+            time.sleep(0.5)
+            yield f"document {i}"
+
+    try:
+        client = RerankerClient.from_channel(channel, retry=None)
+        streamed = client.stream_rerank(QUERY, slow_documents(), top_n=6, chunk_size=1)
+        assert sorted(r.index for r in streamed.results) == list(range(6))
+        for _ in range(20):
+            assert len(client.rerank(QUERY, ["a", "b"], timeout=30).results) == 2
+            time.sleep(0.1)
+        ready = [i for i, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
+        assert any(state == grpc.ChannelConnectivity.IDLE for state in states[ready[0] :]), (
+            f"the connection was never recycled: {states}"
+        )
+    finally:
+        channel.close()
