@@ -93,7 +93,14 @@ class ServerProcess:
             command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})},
+            # Text logs (what auto picks only on a terminal): the checks and people read them.
+            env={
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "RERANK_LOG_FORMAT": "text",
+                **(env or {}),
+            },
         )
         self._seen: dict[int, str] = {}  # every child seen, so it can be found after the server died
         self.orphans: list[int] = []  # children that outlived a stop (killed, and reported)

@@ -1,8 +1,9 @@
 """Typed Python client of the rerank server: needs only grpcio and protobuf.
 
 Usage: `with RerankerClient("localhost:50051") as client: client.rerank(query, documents, top_n=3)`;
-AsyncRerankerClient is the same for asyncio. Failed calls raise RerankError subclasses. A secured
-server takes `credentials=tls_credentials(...)` and `token=...`.
+AsyncRerankerClient is the same for asyncio. A target naming several servers ("dns:///name:port",
+"ipv4:a:port,b:port") balances calls across those SERVING. Failed calls raise RerankError
+subclasses. A secured server takes `credentials=tls_credentials(...)` and `token=...`.
 """
 
 from rerank_client.aio import AsyncRerankerClient

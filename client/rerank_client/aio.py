@@ -6,22 +6,22 @@ import asyncio
 import contextlib
 import inspect
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
 from rerank.v1 import reranker_pb2 as pb
-from rerank.v1 import reranker_pb2_grpc
 
-from rerank_client import _convert, _health
-from rerank_client.credentials import call_metadata
-from rerank_client.errors import InternalError, NotFoundError, from_rpc_error
-from rerank_client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Truncation
+from rerank_client import _calls, _convert, _health
+from rerank_client._base import ClientBase
+from rerank_client._calls import OnScored, StreamReplies
+from rerank_client.errors import NotFoundError
+from rerank_client.types import ModelInfo, RerankResult, Truncation
 
 if TYPE_CHECKING:
+    from rerank.v1.reranker_pb2_grpc import RerankerAsyncStub
     from typing_extensions import Self
 
     _StreamCall = grpc.aio.StreamStreamCall[pb.StreamRerankRequest, pb.StreamRerankResponse]
@@ -29,84 +29,27 @@ if TYPE_CHECKING:
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
-#: A function or a coroutine function: what it returns is awaited when it is awaitable.
-OnScored = Callable[[list[RankedDocument]], object]
 
-
-class AsyncRerankerClient:
-    """Reranks documents against a query on a rerank server, over one grpc.aio channel.
+class AsyncRerankerClient(ClientBase[grpc.aio.Channel]):
+    """Reranks documents against a query on rerank servers, over one grpc.aio channel.
 
     Same options and methods as RerankerClient, as coroutines. Create it, and use it, within the
     event loop that runs it.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        """Open a channel to `target` ("host:port"): TLS with `credentials` (see tls_credentials),
-        plaintext without. `token` goes with every call as `authorization: Bearer <token>`.
-        `options` are gRPC channel options; messages of up to 64 MiB each way by default, as the
-        server's own default limit."""
-        sent_metadata = call_metadata(metadata, token)  # checked before a channel opens
+    _stub: RerankerAsyncStub
+
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.aio.Channel:
         if credentials is None:
-            channel = grpc.aio.insecure_channel(target, options=_convert.channel_options(options))
-        else:
-            channel = grpc.aio.secure_channel(target, credentials, options=_convert.channel_options(options))
-        self._setup(channel, owns_channel=True, metadata=sent_metadata, timeout=timeout, retry=retry)
-
-    @classmethod
-    def from_channel(
-        cls,
-        channel: grpc.aio.Channel,
-        *,
-        token: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-    ) -> Self:
-        """Use a channel the caller opened (custom interceptors, shared channels).
-
-        The channel stays the caller's: close() and the context manager leave it open.
-        """
-        client = cls.__new__(cls)
-        client._setup(
-            channel, owns_channel=False, metadata=call_metadata(metadata, token), timeout=timeout, retry=retry
-        )
-        return client
-
-    def _setup(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        owns_channel: bool,
-        metadata: Sequence[tuple[str, str]],
-        timeout: float | None,
-        retry: RetryPolicy | None,
-    ) -> None:
-        self._channel = channel
-        self._owns_channel = owns_channel
-        self._metadata = tuple(metadata)
-        self._timeout = timeout
-        self._retry = retry
-        self._stub = reranker_pb2_grpc.RerankerStub(channel)
-        self._health_check: grpc.aio.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.encode_request,
-            response_deserializer=_health.decode_status,
-        )
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def close(self) -> None:
-        """Close the channel if this client opened it; calls under way are cancelled."""
-        if self._owns_channel:
-            await self._channel.close(None)
+        """Close the channels this client opened; calls under way are cancelled."""
+        for channel in self._to_close():
+            await channel.close(None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -134,17 +77,8 @@ class AsyncRerankerClient:
         cutoff_layer: int = 0,
         timeout: float | None = None,
     ) -> RerankResult:
-        """Score every document against `query`; results are sorted best first, at most `top_n` (0: all).
-
-        `model=""` is the server's default model, `max_length=0` its default token budget of a pair.
-        A pair over that budget is cut (Truncation.END), refused (NONE), or, with CHUNK, scored by its
-        document's best overlapping window, so text past the budget still counts. `instruction` and
-        `cutoff_layer` ("" and 0: the model's default) apply only to models that take them, as
-        list_models() says.
-        """
-        _convert.reject_bare_string(documents)
-        truncation = _convert.truncation(truncation)
-        request = _convert.rerank_request(
+        """RerankerClient.rerank, as a coroutine: the options mean the same."""
+        request = _calls.rerank_request(
             query,
             documents,
             top_n=top_n,
@@ -175,63 +109,49 @@ class AsyncRerankerClient:
         on_scored: OnScored | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
-        """Rerank a collection too large to hold or send at once; returns the best `top_n`.
+        """RerankerClient.stream_rerank, as a coroutine: the options mean the same.
 
-        `documents` is read lazily, `chunk_size` at a time, as the server takes them. A sync
-        iterable is read on the event loop, so it must not block: pass an async iterable for a
-        slow source. `on_scored` (a function or a coroutine function) receives the scores of
-        documents as the server finishes them, while the stream goes on. The stream is retried
-        only before it is under way: once a document past the first chunk was taken from
-        `documents`, or a response arrived, a failure surfaces. An exception raised by
-        `documents` itself ends the stream and reaches the caller as is.
-
-        The other options are rerank's.
+        `documents` may also be an async iterable. A sync iterable is read on the event loop, so
+        it must not block: pass an async iterable for a slow source. `on_scored` may be a
+        coroutine function: what it returns is awaited when it is awaitable.
         """
-        _convert.reject_bare_string(documents)
-        truncation = _convert.truncation(truncation)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        _calls.check_stream(documents, chunk_size)
+        request = _calls.rerank_request(
+            query,
+            [],
+            top_n=top_n,
+            model=model,
+            return_documents=return_documents,
+            raw_scores=raw_scores,
+            max_length=max_length,
+            truncation=truncation,
+            instruction=instruction,
+            cutoff_layer=cutoff_layer,
+        )
         source = aiter(documents) if isinstance(documents, AsyncIterable) else iter(documents)
         stream = _Stream(source, chunk_size)
-        header = pb.StreamRerankRequest(
-            header=_convert.rerank_request(
-                query,
-                await stream.take(),
-                top_n=top_n,
-                model=model,
-                return_documents=return_documents,
-                raw_scores=raw_scores,
-                max_length=max_length,
-                truncation=truncation,
-                instruction=instruction,
-                cutoff_layer=cutoff_layer,
-            )
-        )
+        header = _calls.stream_header(request, await stream.take())
+        replies = StreamReplies(on_scored)
         attempts = self._attempts(timeout)
         while True:
             try:
-                return await self._stream_once(stream, header, on_scored, attempts.timeout())
+                return await self._stream_once(stream, header, replies, attempts.timeout())
             except grpc.aio.AioRpcError as rpc_error:
                 if stream.error is not None:
                     raise stream.error from None
-                error = from_rpc_error(rpc_error)
-                delay = attempts.backoff(error, retryable=stream.may_restart())
-                if delay is None:
-                    raise error from rpc_error
+                delay = attempts.pause_after(
+                    rpc_error, retryable=not replies.responded and stream.may_restart()
+                )
             await asyncio.sleep(delay)
 
     async def _stream_once(
-        self,
-        stream: _Stream,
-        header: pb.StreamRerankRequest,
-        on_scored: OnScored | None,
-        timeout: float | None,
+        self, stream: _Stream, header: pb.StreamRerankRequest, replies: StreamReplies, timeout: float | None
     ) -> RerankResult:
         """One attempt: a writer task feeds the call while this task reads its responses."""
         # No request iterator: the writer task uses call.write, so it sees the caller's errors.
         call = self._stub.StreamRerank(None, timeout=timeout, metadata=self._metadata)
         writer = asyncio.ensure_future(stream.write(call, header))
-        reader = asyncio.ensure_future(_read(call, stream, on_scored))
+        reader = asyncio.ensure_future(_read(call, replies))
         try:
             await asyncio.wait((writer, reader), return_when=asyncio.FIRST_COMPLETED)
             if stream.error is not None:
@@ -249,18 +169,16 @@ class AsyncRerankerClient:
         return [_convert.model_info(model) for model in response.models]
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The standard health status of `service` ("" is the whole server).
-
-        One of "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (the server does not know `service`:
-        its NOT_FOUND answer) or "UNKNOWN".
-        """
+        """RerankerClient.health, as a coroutine."""
+        check: grpc.aio.UnaryUnaryMultiCallable[str, str] = self._health_channel().unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.encode_request,
+            response_deserializer=_health.decode_status,
+        )
         try:
-            return await self._unary(self._health_check, service, timeout)
+            return await self._unary(check, service, timeout)
         except NotFoundError:
             return "SERVICE_UNKNOWN"
-
-    def _attempts(self, timeout: float | None) -> Attempts:
-        return Attempts(self._retry, self._timeout if timeout is None else timeout)
 
     async def _unary(
         self,
@@ -274,28 +192,16 @@ class AsyncRerankerClient:
             try:
                 return await method(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.aio.AioRpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = attempts.backoff(error)
-                if delay is None:
-                    raise error from rpc_error
+                delay = attempts.pause_after(rpc_error)
             await asyncio.sleep(delay)
 
 
-async def _read(call: _StreamCall, stream: _Stream, on_scored: OnScored | None) -> RerankResult:
-    final: pb.RerankResponse | None = None
+async def _read(call: _StreamCall, replies: StreamReplies) -> RerankResult:
     async for response in call:
-        stream.responded = True
-        if response.HasField("final"):
-            final = response.final
-        elif on_scored is not None:
-            outcome = on_scored(_convert.ranked_documents(response.scored.results))
-            if inspect.isawaitable(outcome):
-                await outcome
-    if final is None:
-        raise InternalError(
-            grpc.StatusCode.INTERNAL, "the server ended StreamRerank without its final response"
-        )
-    return _convert.rerank_result(final)
+        outcome = replies.take(response)
+        if inspect.isawaitable(outcome):
+            await outcome
+    return replies.result()
 
 
 class _Stream:
@@ -307,7 +213,6 @@ class _Stream:
         self._exhausted = False
         self._chunks_taken = 0
         self._taking = False
-        self.responded = False
         self.error: Exception | None = None  # what the caller's iterable raised
 
     async def take(self) -> list[str]:
@@ -330,8 +235,8 @@ class _Stream:
         return chunk
 
     def may_restart(self) -> bool:
-        """Whether a failed attempt may be repeated: nothing past the first chunk taken or received."""
-        return not (self._taking or self.responded or self._chunks_taken > 1)
+        """Whether a failed attempt may be repeated: nothing past the first chunk taken."""
+        return not (self._taking or self._chunks_taken > 1)
 
     async def write(self, call: _StreamCall, header: pb.StreamRerankRequest) -> None:
         """Send the header, then the rest of the documents as the call accepts them.
@@ -355,7 +260,7 @@ class _Stream:
         if call.done():
             return
         while chunk := await self.take():
-            if not await _send(call, _convert.documents_chunk(chunk)):
+            if not await _send(call, _calls.documents_chunk(chunk)):
                 return
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await call.done_writing()  # an error here means the call is over: the reader reports how

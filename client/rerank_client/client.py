@@ -5,20 +5,19 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from rerank.v1 import reranker_pb2 as pb
-from rerank.v1 import reranker_pb2_grpc
 
-from rerank_client import _convert, _health
-from rerank_client.credentials import call_metadata
-from rerank_client.errors import InternalError, NotFoundError, from_rpc_error
-from rerank_client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
-from rerank_client.types import ModelInfo, RankedDocument, RerankResult, Truncation
+from rerank_client import _calls, _convert, _health
+from rerank_client._base import ClientBase
+from rerank_client._calls import OnScored, StreamReplies
+from rerank_client.errors import NotFoundError
+from rerank_client.types import ModelInfo, RerankResult, Truncation
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -27,81 +26,23 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
 
-class RerankerClient:
-    """Reranks documents against a query on a rerank server, over one gRPC channel.
+class RerankerClient(ClientBase[grpc.Channel]):
+    """Reranks documents against a query on rerank servers, over one gRPC channel.
 
-    `token` (a bearer token) and `metadata` go with every call; `timeout` is the default
-    deadline of a call, retries included; `retry=None` turns retries off. Thread-safe: share one
-    client, and its channel, between threads.
+    Thread-safe: share one client, and its channel, between threads.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        """Open a channel to `target` ("host:port"): TLS with `credentials` (see tls_credentials),
-        plaintext without. `token` goes with every call as `authorization: Bearer <token>`.
-        `options` are gRPC channel options; messages of up to 64 MiB each way by default, as the
-        server's own default limit."""
-        sent_metadata = call_metadata(metadata, token)  # checked before a channel opens
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.Channel:
         if credentials is None:
-            channel = grpc.insecure_channel(target, options=_convert.channel_options(options))
-        else:
-            channel = grpc.secure_channel(target, credentials, options=_convert.channel_options(options))
-        self._setup(channel, owns_channel=True, metadata=sent_metadata, timeout=timeout, retry=retry)
-
-    @classmethod
-    def from_channel(
-        cls,
-        channel: grpc.Channel,
-        *,
-        token: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-    ) -> Self:
-        """Use a channel the caller opened (custom interceptors, shared channels).
-
-        The channel stays the caller's: close() and the context manager leave it open.
-        """
-        client = cls.__new__(cls)
-        client._setup(
-            channel, owns_channel=False, metadata=call_metadata(metadata, token), timeout=timeout, retry=retry
-        )
-        return client
-
-    def _setup(
-        self,
-        channel: grpc.Channel,
-        *,
-        owns_channel: bool,
-        metadata: Sequence[tuple[str, str]],
-        timeout: float | None,
-        retry: RetryPolicy | None,
-    ) -> None:
-        self._channel = channel
-        self._owns_channel = owns_channel
-        self._metadata = tuple(metadata)
-        self._timeout = timeout
-        self._retry = retry
-        self._stub = reranker_pb2_grpc.RerankerStub(channel)
-        self._health_check: grpc.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.encode_request,
-            response_deserializer=_health.decode_status,
-        )
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def close(self) -> None:
-        """Close the channel if this client opened it; calls under way are cancelled."""
-        if self._owns_channel:
-            self._channel.close()
+        """Close the channels this client opened; calls under way are cancelled."""
+        for channel in self._to_close():
+            channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -135,11 +76,10 @@ class RerankerClient:
         A pair over that budget is cut (Truncation.END), refused (NONE), or, with CHUNK, scored by its
         document's best overlapping window, so text past the budget still counts. `instruction` and
         `cutoff_layer` ("" and 0: the model's default) apply only to models that take them, as
-        list_models() says.
+        list_models() says. `return_documents` sends each result's text back; `raw_scores` gives the
+        model's raw scores instead of normalized ones. `timeout` overrides the client's.
         """
-        _convert.reject_bare_string(documents)
-        truncation = _convert.truncation(truncation)
-        request = _convert.rerank_request(
+        request = _calls.rerank_request(
             query,
             documents,
             top_n=top_n,
@@ -167,7 +107,7 @@ class RerankerClient:
         instruction: str = "",
         cutoff_layer: int = 0,
         chunk_size: int = 512,
-        on_scored: Callable[[list[RankedDocument]], object] | None = None,
+        on_scored: OnScored | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
         """Rerank a collection too large to hold or send at once; returns the best `top_n`.
@@ -181,46 +121,36 @@ class RerankerClient:
 
         The other options are rerank's.
         """
-        _convert.reject_bare_string(documents)
-        truncation = _convert.truncation(truncation)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        _calls.check_stream(documents, chunk_size)
+        request = _calls.rerank_request(
+            query,
+            [],
+            top_n=top_n,
+            model=model,
+            return_documents=return_documents,
+            raw_scores=raw_scores,
+            max_length=max_length,
+            truncation=truncation,
+            instruction=instruction,
+            cutoff_layer=cutoff_layer,
+        )
         source = iter(documents)
         first = list(itertools.islice(source, chunk_size))
-        header = pb.StreamRerankRequest(
-            header=_convert.rerank_request(
-                query,
-                first,
-                top_n=top_n,
-                model=model,
-                return_documents=return_documents,
-                raw_scores=raw_scores,
-                max_length=max_length,
-                truncation=truncation,
-                instruction=instruction,
-                cutoff_layer=cutoff_layer,
-            )
-        )
+        header = _calls.stream_header(request, first)
         stream = _Stream(source, chunk_size, exhausted=len(first) < chunk_size)
+        replies = StreamReplies(on_scored)
         attempts = self._attempts(timeout)
         while True:
             try:
-                return self._stream_once(stream, header, on_scored, attempts.timeout())
+                return self._stream_once(stream, header, replies, attempts.timeout())
             except grpc.RpcError as rpc_error:
                 if stream.error is not None:
                     raise stream.error from None
-                error = from_rpc_error(rpc_error)
-                delay = attempts.backoff(error, retryable=stream.restart())
-                if delay is None:
-                    raise error from rpc_error
+                delay = attempts.pause_after(rpc_error, retryable=not replies.responded and stream.restart())
             time.sleep(delay)
 
     def _stream_once(
-        self,
-        stream: _Stream,
-        header: pb.StreamRerankRequest,
-        on_scored: Callable[[list[RankedDocument]], object] | None,
-        timeout: float | None,
+        self, stream: _Stream, header: pb.StreamRerankRequest, replies: StreamReplies, timeout: float | None
     ) -> RerankResult:
         """One attempt: gRPC's own thread pulls the requests while this thread reads the responses."""
         started: Future[grpc.Call] = Future()
@@ -228,22 +158,13 @@ class RerankerClient:
             stream.requests(header, started), timeout=timeout, metadata=self._metadata
         )
         started.set_result(responses)
-        final: pb.RerankResponse | None = None
         try:
             for response in responses:
-                stream.responded = True
-                if response.HasField("final"):
-                    final = response.final
-                elif on_scored is not None:
-                    on_scored(_convert.ranked_documents(response.scored.results))
+                replies.take(response)
         finally:
             # Stops gRPC's request thread when leaving early (on_scored raised); no-op when done.
             responses.cancel()
-        if final is None:
-            raise InternalError(
-                grpc.StatusCode.INTERNAL, "the server ended StreamRerank without its final response"
-            )
-        return _convert.rerank_result(final)
+        return replies.result()
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the server serves, with their limits and readiness."""
@@ -251,18 +172,21 @@ class RerankerClient:
         return [_convert.model_info(model) for model in response.models]
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The standard health status of `service` ("" is the whole server).
+        """The standard health status of `service` ("" is the whole server), as one server reports it.
 
         One of "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (the server does not know `service`:
-        its NOT_FOUND answer) or "UNKNOWN".
+        its NOT_FOUND answer) or "UNKNOWN". Asked on a channel of its own, unbalanced, so a server
+        that is NOT_SERVING still answers; with several addresses, the first that connects answers.
         """
+        check: grpc.UnaryUnaryMultiCallable[str, str] = self._health_channel().unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.encode_request,
+            response_deserializer=_health.decode_status,
+        )
         try:
-            return self._unary(self._health_check, service, timeout)
+            return self._unary(check, service, timeout)
         except NotFoundError:
             return "SERVICE_UNKNOWN"
-
-    def _attempts(self, timeout: float | None) -> Attempts:
-        return Attempts(self._retry, self._timeout if timeout is None else timeout)
 
     def _unary(
         self,
@@ -276,10 +200,7 @@ class RerankerClient:
             try:
                 return method(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = attempts.backoff(error)
-                if delay is None:
-                    raise error from rpc_error
+                delay = attempts.pause_after(rpc_error)
             time.sleep(delay)
 
 
@@ -298,7 +219,6 @@ class _Stream:
         self._lock = threading.Lock()  # held while taking from the source
         self._attempt = 0
         self._taken = False
-        self.responded = False
         self.error: Exception | None = None  # what the caller's iterator raised
 
     def requests(
@@ -323,7 +243,7 @@ class _Stream:
                 chunk = self._take(attempt)
                 if not chunk:
                     return
-                message = _convert.documents_chunk(chunk)
+                message = _calls.documents_chunk(chunk)
             except Exception as error:
                 # The caller's iterable failed, or gave a document that is not a str: surface that
                 # error itself rather than gRPC's "Exception iterating requests!".
@@ -342,11 +262,12 @@ class _Stream:
             return chunk
 
     def restart(self) -> bool:
-        """Retire the current attempt so another may start; False once the stream is under way."""
+        """Retire the current attempt so another may start; False once documents past the first
+        chunk were taken."""
         if not self._lock.acquire(blocking=False):
             return False  # a take is under way
         try:
-            if self._taken or self.responded:
+            if self._taken:
                 return False
             self._attempt += 1
             return True

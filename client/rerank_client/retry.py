@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from rerank_client.errors import RerankError
+from rerank_client.errors import from_rpc_error
 
 #: Only these codes are retried: they mean "not now", and a rerank is safe to repeat.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -20,7 +20,8 @@ class RetryPolicy:
 
     `max_attempts` counts the first try. Each pause is `initial_backoff * multiplier ** n`, capped
     at `max_backoff`, then shortened by a random fraction up to `jitter` so that many clients
-    rejected together do not come back together.
+    rejected together do not come back together. Against several replicas, each attempt goes to
+    the next one that is SERVING (gRPC's round_robin), so a retry usually lands on another one.
     """
 
     max_attempts: int = 3
@@ -66,13 +67,14 @@ class Attempts:
             return None
         return max(0.0, self._deadline - time.monotonic())
 
-    def backoff(self, error: RerankError, *, retryable: bool = True) -> float | None:
-        """The pause before the next attempt after `error`, or None when `error` must surface.
+    def pause_after(self, rpc_error: grpc.RpcError, *, retryable: bool = True) -> float:
+        """The pause before the next attempt after `rpc_error`; raises its typed error when it must surface.
 
         `retryable=False` is for calls that can no longer be repeated safely (a stream under way).
         No retry is made when its pause would end past the deadline: it could only time out.
         """
         self._made += 1
+        error = from_rpc_error(rpc_error)
         policy = self._policy
         if (
             policy is None
@@ -80,8 +82,8 @@ class Attempts:
             or error.code not in RETRYABLE_CODES
             or self._made >= policy.max_attempts
         ):
-            return None
+            raise error from rpc_error
         delay = policy.backoff(self._made)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-            return None
+            raise error from rpc_error
         return delay

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,12 +25,14 @@ from rerank_server.edge.tls import server_credentials
 from rerank_server.errors import NoReplicaError
 from rerank_server.families import describe_model, family_of, load_row_builder
 from rerank_server.families.base import ModelSpec, RowBuilder
+from rerank_server.logs import resolve_log_format
 from rerank_server.metrics import Metrics
 from rerank_server.models.registry import ModelRegistry, ServedModel
 from rerank_server.scheduling.batcher import PairQueue
 from rerank_server.scheduling.scheduler import Scheduler
 from rerank_server.service.rerank import RequestLimits, RerankService
 from rerank_server.settings import ServerSettings
+from rerank_server.tracing import TracingUnavailableError, start_tracing
 from rerank_server.transport.shm import SegmentLayout
 from rerank_server.workers.devices import (
     ReplicaPlan,
@@ -199,6 +202,10 @@ async def serve(settings: ServerSettings) -> None:
         log.info("model %r (%s, %s): replicas m%d/*", plan.name, plan.spec.family, plan.spec.source, position)
     if settings.scorer != "model":
         log.warning("scorer=%s: the workers return stand-in scores, not the model's", settings.scorer)
+    try:
+        tracer = start_tracing() if settings.tracing else None
+    except TracingUnavailableError as exc:
+        raise StartupError(str(exc)) from exc
     metrics = Metrics()
     pools = [
         WorkerPool(
@@ -208,8 +215,9 @@ async def serve(settings: ServerSettings) -> None:
             restart_backoff_s=settings.restart_backoff_s,
             label=f"m{position}",
             log_level=settings.log_level,
+            log_format=resolve_log_format(settings.log_format, sys.stderr),  # main resolved it
             stand_in=settings.stand_in(),
-            on_restart=metrics.worker_restarted,
+            on_restart=partial(metrics.worker_restarted, plan.name),
         )
         for position, plan in enumerate(plans)
     ]
@@ -245,7 +253,9 @@ async def serve(settings: ServerSettings) -> None:
                 batch_timeout_floor_s=settings.batch_timeout_floor_s,
             )
             schedulers.append(scheduler)
-            metrics.watch_queue(plan.name, lambda s=scheduler: s.queued_tokens, scheduler.queued_work_s)
+            metrics.watch_queue(
+                plan.name, partial(getattr, scheduler, "queued_tokens"), scheduler.queued_work_s
+            )
             served.append(
                 ServedModel(
                     name=plan.name,
@@ -282,6 +292,8 @@ async def serve(settings: ServerSettings) -> None:
                 settings.stream_idle_timeout_s,
                 settings.max_call_s,
             ),
+            tracer=tracer,
+            log_request_text=settings.log_request_text,
         )
         server = grpc_server(settings, servicer, health.servicer, tokens)
         address = f"{settings.host}:{settings.port}"
@@ -321,4 +333,6 @@ async def serve(settings: ServerSettings) -> None:
             await pool.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         metrics.close()
+        if tracer is not None:
+            await asyncio.to_thread(tracer.shutdown)  # sends the spans still batched
         log.info("stopped")

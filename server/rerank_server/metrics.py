@@ -1,5 +1,9 @@
-"""Prometheus metrics of one server, in a registry of its own; the queue's and the models' carry the
-served model's name as the `model` label."""
+"""Prometheus metrics of one server, in a registry of its own.
+
+Names follow Prometheus' conventions (base units: seconds, counters ending in _total). Everything
+about a model carries the served model's name as the `model` label; a call's is "" when it failed
+before a served model was known (a label never takes a caller's unchecked text).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,30 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("rerank_requests", "Finished RPCs", ["method", "code"], registry=r)
+        self.requests = Counter(
+            "rerank_requests", "Finished calls, by status code", ["method", "code", "model"], registry=r
+        )
         self.request_seconds = Histogram(
-            "rerank_request_duration_seconds", "RPC time", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+            "rerank_request_duration_seconds",
+            "Call time, from the server's first sight of the call to its status",
+            ["method", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.calls_in_flight = Gauge(
+            "rerank_calls_in_flight",
+            "Calls being served (against max_concurrent_calls and max_concurrent_streams)",
+            ["method"],
+            registry=r,
         )
         model = ["model"]
+        self.tokenize_seconds = Histogram(
+            "rerank_tokenize_duration_seconds",
+            "Tokenizing per successful call (a stream's parts summed)",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "rerank_queue_duration_seconds",
             "Queueing before a request's first batch",
@@ -35,8 +58,8 @@ class Metrics:
         )
         self.queued_work_seconds = Gauge(
             "rerank_queued_work_seconds",
-            "Time the ready replicas need for the queued work, at their measured speed (0 until a batch "
-            "was timed): how long a new call would queue; what an autoscaler should scale on",
+            "Time the ready replicas need for the queued Rerank work, at their measured speed (0 until a "
+            "batch was timed): how long a new Rerank would queue; what an autoscaler should scale on",
             model,
             registry=r,
         )
@@ -81,7 +104,7 @@ class Metrics:
         self.worker_restarts = Counter(
             "rerank_worker_restarts",
             "Worker processes replaced, by reason: exited (crashed), hung (killed), device (broken)",
-            ["reason"],
+            ["model", "reason"],
             registry=r,
         )
         self.batches_lost = Counter("rerank_batches_lost", "Batches a dying replica held", model, registry=r)
@@ -93,8 +116,12 @@ class Metrics:
         )
         self._http: Any = None
 
-    def worker_restarted(self, reason: str) -> None:
-        self.worker_restarts.labels(reason).inc()
+    def worker_restarted(self, model: str, reason: str) -> None:
+        self.worker_restarts.labels(model, reason).inc()
+
+    def call_ended(self, method: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code, model).inc()
+        self.request_seconds.labels(method, model).observe(seconds)
 
     def watch_queue(
         self, model: str, queued_tokens: Callable[[], float], work_s: Callable[[], float]

@@ -100,9 +100,16 @@ def test_with_no_live_replica_requests_get_unavailable(
     for pid in server.worker_pids():
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: server.metric("rerank_replicas_ready") == 0, 30, "replicas down")
-    with RerankerClient(server.target, retry=None) as client:
-        with pytest.raises(UnavailableError, match="no model replica"):
+    reached = server.metric("rerank_requests_total", {"method": "Rerank"})
+    with RerankerClient(server.target) as client, grpc.insecure_channel(server.target) as plain:
+        # The client sends no call to a server that is not SERVING (gRPC health checking, so a
+        # balanced client goes to another replica): it fails here, retries included, unsent.
+        with pytest.raises(UnavailableError):
             client.rerank(QUERY, ["a"])
+        assert server.metric("rerank_requests_total", {"method": "Rerank"}) == reached
+        # A caller that does not check health gets the server's own refusal.
+        with pytest.raises(UnavailableError, match="no model replica"):
+            RerankerClient.from_channel(plain, retry=None).rerank(QUERY, ["a"])
         assert client.health() == "NOT_SERVING"
         assert client.health("liveness") == "SERVING"  # alive, only not ready: no liveness restart
         wait_until(lambda: client.health() == "SERVING", 120, "recovery")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -31,6 +32,15 @@ class FakeContext:
     def time_remaining(self) -> float | None:
         return self.remaining
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
     async def send_initial_metadata(self, metadata: object) -> None:
         pass
 
@@ -53,6 +63,7 @@ class SlowService:
         self.timeouts: list[float | None] = []
         self.release = asyncio.Event()
         self.stream_closed = False
+        self.models = SimpleNamespace(get=lambda name: SimpleNamespace(name="m"))  # one model, "m"
 
     async def rerank(self, request: RerankQuery, timeout: float | None) -> RerankResult:
         self.timeouts.append(timeout)

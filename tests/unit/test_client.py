@@ -37,6 +37,7 @@ from rerank_client import (
     Usage,
     from_rpc_error,
 )
+from rerank_client._channel import HEALTH_SERVICE, MESSAGE_LIMIT, channel_options, health_channel_options
 
 _T = TypeVar("_T")
 
@@ -60,6 +61,8 @@ def document(i: int) -> str:
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     fake = FakeServer().start()
+    # As rerank-server does: the balanced channel sends calls only to a server SERVING this service.
+    fake.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     yield fake
     fake.stop()
 
@@ -784,8 +787,6 @@ def test_the_client_needs_only_grpcio_and_protobuf(server: FakeServer) -> None:
 
 
 def test_channels_take_messages_as_large_as_the_server_sends_unless_told_otherwise() -> None:
-    from rerank_client._convert import MESSAGE_LIMIT, channel_options
-
     assert MESSAGE_LIMIT == 64 * 1024 * 1024  # the server's --max-message-mb default
     defaults = dict(channel_options(()))
     assert defaults["grpc.max_receive_message_length"] == MESSAGE_LIMIT
@@ -793,4 +794,177 @@ def test_channels_take_messages_as_large_as_the_server_sends_unless_told_otherwi
     mine = dict(channel_options([("grpc.max_receive_message_length", 1024), ("grpc.enable_retries", 0)]))
     assert mine["grpc.max_receive_message_length"] == 1024
     assert mine["grpc.enable_retries"] == 0
-    assert len(channel_options([("grpc.max_receive_message_length", 1024)])) == 2  # no duplicate keys
+    assert len(channel_options([("grpc.max_receive_message_length", 1024)])) == 3  # no duplicate keys
+
+
+# --- balancing across replicas -----------------------------------------------------------------
+
+
+def test_channels_balance_over_healthy_servers_and_health_asks_one_server_unbalanced() -> None:
+    config = json.loads(dict(channel_options(()))["grpc.service_config"])
+    assert config == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "rerank.v1.Reranker"},
+    }
+    mine = [("grpc.service_config", "{}"), ("grpc.ssl_target_name_override", "rerank.example")]
+    assert dict(channel_options(mine))["grpc.service_config"] == "{}"  # the caller's options win
+    health_options = dict(health_channel_options(mine))
+    assert health_options["grpc.ssl_target_name_override"] == "rerank.example"
+    assert json.loads(health_options["grpc.service_config"]) == {"loadBalancingConfig": [{"pick_first": {}}]}
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[FakeServer]]:
+    """Two fake servers SERVING, as two replicas behind one target."""
+    fakes = [FakeServer().start() for _ in range(2)]
+    for fake in fakes:
+        fake.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+@pytest.fixture(params=["sync", "async"])
+def connect_replicas(
+    request: pytest.FixtureRequest, replicas: list[FakeServer], background_loop: asyncio.AbstractEventLoop
+) -> Iterator[Callable[..., Client]]:
+    """Opens clients of either kind on both replicas, as one "ipv4:" target of two addresses."""
+    target = "ipv4:" + ",".join(f"127.0.0.1:{fake.port}" for fake in replicas)
+    opened: list[Client] = []
+
+    def open_client(**kwargs: Any) -> Client:
+        kwargs.setdefault("retry", FAST_RETRY)
+        client: Client
+        if request.param == "sync":
+            client = RerankerClient(target, **kwargs)
+        else:
+            client = OnLoop(background_loop, target, **kwargs)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+def calls_per_replica(replicas: list[FakeServer], method: str = "Rerank") -> list[int]:
+    return [fake.reranker.attempts[method] for fake in replicas]
+
+
+def both_connected(client: Client, replicas: list[FakeServer]) -> None:
+    """Call until each replica took a call (round_robin uses a replica once it is connected), then
+    forget those calls."""
+    deadline = time.monotonic() + 30
+    while 0 in calls_per_replica(replicas):
+        assert time.monotonic() < deadline, "a replica never took a call"
+        client.rerank("q", DOCUMENTS)
+    for fake in replicas:
+        fake.reranker.attempts.clear()
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within 30 s"
+        time.sleep(0.02)
+
+
+def test_calls_take_turns_across_replicas(
+    connect_replicas: Callable[..., Client], replicas: list[FakeServer]
+) -> None:
+    client = connect_replicas()
+    both_connected(client, replicas)
+    for _ in range(10):
+        client.rerank("q", DOCUMENTS)
+    client.stream_rerank("q", DOCUMENTS, top_n=1)
+    client.stream_rerank("q", DOCUMENTS, top_n=1)
+    assert calls_per_replica(replicas) == [5, 5]
+    assert calls_per_replica(replicas, "StreamRerank") == [1, 1]
+
+
+def test_a_replica_not_serving_gets_no_calls_until_it_serves_again(
+    connect_replicas: Callable[..., Client], replicas: list[FakeServer]
+) -> None:
+    client = connect_replicas()
+    both_connected(client, replicas)
+    draining, other = replicas
+
+    def calls_reach(fake: FakeServer) -> Callable[[], bool]:
+        def reached() -> bool:
+            fake.reranker.attempts.clear()
+            for _ in range(4):
+                client.rerank("q", DOCUMENTS)
+            return fake.reranker.attempts["Rerank"] > 0
+
+        return reached
+
+    draining.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # gRPC learns it over Health/Watch, promptly but not at once.
+    wait_for(lambda: not calls_reach(draining)(), "the NOT_SERVING replica left out")
+    other.reranker.attempts.clear()
+    for _ in range(20):
+        client.rerank("q", DOCUMENTS)
+    assert calls_per_replica(replicas) == [0, 20]
+
+    draining.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    wait_for(calls_reach(draining), "the replica SERVING again taken back")
+
+
+def test_a_retry_lands_on_the_other_replica(
+    connect_replicas: Callable[..., Client], replicas: list[FakeServer]
+) -> None:
+    client = connect_replicas()
+    both_connected(client, replicas)
+    for fake in replicas:
+        fake.reranker.fail("Rerank", Failure(grpc.StatusCode.UNAVAILABLE, "busy"))
+    # Each replica refuses once: the first attempt fails on one, the retry on the other (had it
+    # gone to the same replica, it would have succeeded there), the third succeeds.
+    client.rerank("q", DOCUMENTS)
+    assert sorted(calls_per_replica(replicas)) == [1, 2]
+
+
+def test_a_server_not_serving_fails_calls_fast_but_health_still_answers(
+    connect: Callable[..., Client], server: FakeServer
+) -> None:
+    client = connect()
+    assert client.health() == "SERVING"
+    server.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+    wait_for(lambda: server.reranker.attempts["Rerank"] == 0 and _refused(client), "calls refused")
+    server.reranker.attempts.clear()
+    with pytest.raises(UnavailableError):
+        client.rerank("q", DOCUMENTS)
+    assert server.reranker.attempts["Rerank"] == 0  # never sent: gRPC knows the server is not SERVING
+    assert (client.health(), client.health(HEALTH_SERVICE), client.health("liveness")) == (
+        "NOT_SERVING",
+        "NOT_SERVING",
+        "SERVING",
+    )
+    assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
+    server.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    wait_for(lambda: not _refused(client), "calls served again")
+
+
+def _refused(client: Client) -> bool:
+    try:
+        client.rerank("q", DOCUMENTS)
+    except UnavailableError:
+        return True
+    return False
+
+
+def test_a_caller_service_config_replaces_the_balancing(replicas: list[FakeServer]) -> None:
+    target = "ipv4:" + ",".join(f"127.0.0.1:{fake.port}" for fake in replicas)
+    first_only = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
+    with RerankerClient(target, options=[("grpc.service_config", first_only)]) as client:
+        for _ in range(6):
+            client.rerank("q", DOCUMENTS)
+    assert calls_per_replica(replicas) == [6, 0]
+
+
+def test_health_after_close_fails_as_other_calls_do(server: FakeServer) -> None:
+    client = RerankerClient(server.target)
+    client.close()
+    with pytest.raises(ValueError, match="closed channel"):
+        client.health()

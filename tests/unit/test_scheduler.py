@@ -497,7 +497,7 @@ async def test_closing_a_request_frees_room_for_a_waiting_stream() -> None:
     assert sample(metrics, "rerank_pairs_dropped_total", {"reason": "cancelled"}) == 4
 
 
-async def test_the_queue_gauges_read_queued_tokens_and_the_time_to_run_them() -> None:
+async def test_the_queue_gauges_read_queued_tokens_and_the_time_to_run_the_interactive_ones() -> None:
     pool = FakePool(replicas=2)
     scheduler, metrics = make(pool, size=100)
     metrics.watch_queue("m", lambda: scheduler.queued_tokens, scheduler.queued_work_s)
@@ -514,5 +514,10 @@ async def test_the_queue_gauges_read_queued_tokens_and_the_time_to_run_them() ->
     assert sample(metrics, "rerank_queued_work_seconds") == pytest.approx(0.48)
     pool.ready_count = 1
     assert sample(metrics, "rerank_queued_work_seconds") == pytest.approx(0.96)
+    stream = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    scheduler.submit(stream, encoded([1] * 50, length=40))  # a stream's backlog: not a reason to scale
+    assert sample(metrics, "rerank_queued_tokens") == 960 + 2000
+    assert sample(metrics, "rerank_queued_work_seconds") == pytest.approx(0.96)
     scheduler.close(waiting)
+    scheduler.close(stream)
     assert sample(metrics, "rerank_queued_tokens") == 0

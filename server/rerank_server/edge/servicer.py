@@ -4,6 +4,10 @@ It also admits and times calls, which only the transport sees: a call past the l
 flight is refused at once (RESOURCE_EXHAUSTED naming the limit); every call ends by its effective
 deadline, the client's or max_call_s, whichever comes first; a stream whose client reads nothing
 for the idle timeout is ended (the session itself watches the client's sending).
+
+Each call is observed here too: counted and timed by method, status code and model, written as one
+log line, traced (with tracing on), and named by a request id that goes back to the caller as
+`x-request-id` metadata, whatever its outcome.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from rerank.v1 import reranker_pb2_grpc as pb_grpc
 
 from rerank_server.edge import convert
 from rerank_server.edge.status import status_of
-from rerank_server.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
+from rerank_server.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+from rerank_server.logs import LOGGED_DOCUMENTS, REQUEST_ID_KEY, CallRecord, request_id
 from rerank_server.metrics import Metrics
 from rerank_server.service.rerank import RerankService
+from rerank_server.tracing import CallSpan, CallTracer
+from rerank_server.types import RerankResult
 
 _Message = TypeVar("_Message")
 _Own = TypeVar("_Own")
@@ -88,10 +100,20 @@ class CallGate:
 
 
 class RerankerServicer(pb_grpc.RerankerServicer):
-    def __init__(self, service: RerankService, metrics: Metrics, limits: CallLimits | None = None) -> None:
+    def __init__(
+        self,
+        service: RerankService,
+        metrics: Metrics,
+        limits: CallLimits | None = None,
+        *,
+        tracer: CallTracer | None = None,
+        log_request_text: bool = False,
+    ) -> None:
         self._service = service
         self._metrics = metrics
         self._limits = limits or CallLimits()
+        self._tracer = tracer
+        self._log_request_text = log_request_text
         self.calls = CallsInFlight()
         self._reranks = CallGate("Rerank", self._limits.max_concurrent_calls, "max_concurrent_calls")
         self._streams = CallGate(
@@ -99,15 +121,17 @@ class RerankerServicer(pb_grpc.RerankerServicer):
         )
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        with self._observe("Rerank") as outcome:
+        with self._call("Rerank", context) as call:
             try:
+                call.asked(request)
                 with self._reranks.admit():
                     async with self._deadline(context) as timeout:
                         query = await _off_the_loop(convert.rerank_query, request, len(request.documents))
                         result = await self._service.rerank(query, timeout)
+                call.answered(result)
                 return convert.rerank_response(result)
             except Exception as exc:
-                await outcome.abort(context, exc)
+                await call.abort(context, exc)
         return pb.RerankResponse()  # never sent: gRPC ends an aborted call with its status
 
     async def StreamRerank(  # type: ignore[override]  # a coroutine: gRPC takes either form
@@ -115,16 +139,17 @@ class RerankerServicer(pb_grpc.RerankerServicer):
     ) -> None:
         """Responses go out through context.write, not yield, so each write can be bounded by the
         idle timeout."""
-        with self._observe("StreamRerank") as outcome:
+        with self._call("StreamRerank", context) as call:
             try:
                 async with self._deadline(context) as timeout:
                     # The header first, then any refusal: refusing while the client still writes
                     # its first message races in gRPC core (grpc issue 36066).
                     first = await self._header(request_iterator)
+                    call.asked(first)
                     with self._streams.admit():
-                        await self._stream(first, request_iterator, context, timeout)
+                        await self._stream(first, request_iterator, context, timeout, call)
             except Exception as exc:
-                await outcome.abort(context, exc)
+                await call.abort(context, exc)
 
     async def _header(self, request_iterator: AsyncIterator[pb.StreamRerankRequest]) -> pb.RerankRequest:
         idle = self._limits.stream_idle_timeout_s
@@ -144,15 +169,20 @@ class RerankerServicer(pb_grpc.RerankerServicer):
         request_iterator: AsyncIterator[pb.StreamRerankRequest],
         context: grpc.aio.ServicerContext,
         timeout: float,
+        call: _Call,
     ) -> None:
         header = await _off_the_loop(convert.rerank_query, first, len(first.documents))
         self._service.check_stream(header)
-        await context.send_initial_metadata(())  # accepted: the client may send the rest
+        # Accepted: the client may send the rest.
+        await context.send_initial_metadata(((REQUEST_ID_KEY, call.record.request_id),))
         idle = self._limits.stream_idle_timeout_s
-        events = self._service.stream_rerank(header, _document_chunks(request_iterator), timeout, idle)
+        chunks = _document_chunks(request_iterator, call.record)
+        events = self._service.stream_rerank(header, chunks, timeout, idle)
         # Closed on any exit, so the stream's queued pairs are dropped at once.
         async with contextlib.aclosing(events):
             async for event in events:
+                if isinstance(event, RerankResult):
+                    call.answered(event)
                 try:
                     async with asyncio.timeout(idle):
                         await context.write(convert.stream_response(event))
@@ -186,19 +216,76 @@ class RerankerServicer(pb_grpc.RerankerServicer):
     ) -> pb.ListModelsResponse:
         return convert.list_models_response(self._service.list_models())
 
-    def _observe(self, method: str) -> _Outcome:
-        return _Outcome(self._metrics, method, self.calls, self._limits.stream_idle_timeout_s)
+    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        return _Call(
+            method,
+            context,
+            self._metrics,
+            self.calls,
+            self._limits.stream_idle_timeout_s,
+            served_name=self._served_name,
+            tracer=self._tracer,
+            log_request_text=self._log_request_text,
+        )
+
+    def _served_name(self, requested: str) -> str:
+        """The served model a call names ("" = the default), or "" when none is served by that name:
+        metrics label calls by it, so it never takes a caller's unchecked text."""
+        with contextlib.suppress(ModelNotFoundError):
+            return self._service.models.get(requested).name
+        return ""
 
 
-class _Outcome:
-    """Ends an RPC with the status its error maps to; counts the RPC by status code and times it."""
+class _Call:
+    """One RPC: ends it with the status its error maps to; returns its request id as metadata; counts
+    and times it by method, code and model; writes its log line and ends its span."""
 
-    def __init__(self, metrics: Metrics, method: str, calls: CallsInFlight, status_wait_s: float) -> None:
-        self._metrics = metrics
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        metrics: Metrics,
+        calls: CallsInFlight,
+        status_wait_s: float,
+        *,
+        served_name: Callable[[str], str],
+        tracer: CallTracer | None,
+        log_request_text: bool,
+    ) -> None:
         self._method = method
+        self._metrics = metrics
         self._calls = calls
         self._status_wait_s = status_wait_s
+        self._served_name = served_name
+        self._log_request_text = log_request_text
         self._code = grpc.StatusCode.OK
+        sent = context.invocation_metadata() or ()
+        metadata = {key: value for key, value in sent if isinstance(value, str)}
+        self.record = CallRecord(method, request_id(metadata.get(REQUEST_ID_KEY)), context.peer())
+        # Trailing metadata goes with the status, whatever it is.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.record.request_id),))
+        self._span: CallSpan | None = tracer.start(method, metadata) if tracer is not None else None
+        if self._span is not None:
+            self.record.trace_id = self._span.trace_id
+
+    def asked(self, request: pb.RerankRequest) -> None:
+        """What the call asks for: its model (if served), its documents (and text, if logged)."""
+        self.record.model = self._served_name(request.model)
+        self.record.documents = len(request.documents)
+        if self._log_request_text:
+            self.record.keep_text(request.query, list(request.documents[:LOGGED_DOCUMENTS]))
+
+    def answered(self, result: RerankResult) -> None:
+        record = self.record
+        record.model = result.model
+        record.documents, record.tokens = result.usage.documents, result.usage.tokens
+        timings = result.timings
+        record.tokenize_ms, record.queue_ms, record.inference_ms = (
+            timings.tokenize_ms,
+            timings.queue_ms,
+            timings.inference_ms,
+        )
+        self._metrics.tokenize_seconds.labels(result.model).observe(timings.tokenize_ms / 1000)
 
     async def abort(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         """Send the status (context.abort raises). Behind responses a client does not read, the
@@ -211,18 +298,27 @@ class _Outcome:
             return
         raise AssertionError("unreachable: context.abort raises")
 
-    def __enter__(self) -> _Outcome:
+    def __enter__(self) -> _Call:
         self._started = time.perf_counter()
         self._calls.enter()
+        self._metrics.calls_in_flight.labels(self._method).inc()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        code = self._code
-        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
-        self._metrics.requests.labels(self._method, code.name).inc()
-        self._metrics.request_seconds.labels(self._method).observe(time.perf_counter() - self._started)
-        self._calls.exit()
+        try:
+            code = self._code
+            if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            seconds = time.perf_counter() - self._started
+            record = self.record
+            record.code, record.total_ms = code.name, 1000 * seconds
+            self._metrics.call_ended(self._method, record.model, code.name, seconds)
+            if self._span is not None:
+                self._span.end(record)
+            record.log()
+        finally:
+            self._metrics.calls_in_flight.labels(self._method).dec()
+            self._calls.exit()
 
 
 # A message of more documents than this is converted in a thread, so the event loop keeps answering
@@ -239,10 +335,11 @@ async def _off_the_loop(
 
 
 async def _document_chunks(
-    request_iterator: AsyncIterator[pb.StreamRerankRequest],
+    request_iterator: AsyncIterator[pb.StreamRerankRequest], record: CallRecord
 ) -> AsyncIterator[list[str]]:
     async for message in request_iterator:
         if message.WhichOneof("kind") != "documents":
             raise InvalidRequestError("only the first StreamRerank message may be a header")
         texts = message.documents.documents
+        record.documents += len(texts)
         yield await _off_the_loop(convert.documents, texts, len(texts))

@@ -226,11 +226,13 @@ class Scheduler:
         return self._queue.tokens
 
     def queued_work_s(self) -> float:
-        """Seconds the ready replicas need for the queued work at their measured speed (0 until
-        measured; with no replica ready, as if one were)."""
+        """Seconds the ready replicas need for the queued interactive work at their measured speed:
+        how long a new Rerank would queue, as streams' work waits behind it (0 until measured; with
+        no replica ready, as if one were). A stream's backlog is left out: more replicas would not
+        speed up one stream, which one server runs."""
         if self.tokens_per_s is None:
             return 0.0
-        return self._queue.tokens / (self.tokens_per_s * max(1, self._replicas.ready_count))
+        return self._queue.interactive_tokens / (self.tokens_per_s * max(1, self._replicas.ready_count))
 
     def _require_a_replica(self) -> None:
         if self._replicas.ready_count == 0:

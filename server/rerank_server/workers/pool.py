@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rerank_server.families.base import ModelSpec, TokenBatch
+from rerank_server.logs import LogFormat
 from rerank_server.transport.shm import OwnedSegment, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 from rerank_server.workers.stand_in import StandIn
@@ -83,6 +84,7 @@ class WorkerPool:
         restart_backoff_s: float,
         label: str = "m0",
         log_level: str = "INFO",
+        log_format: LogFormat = "text",
         stand_in: StandIn | None = None,
         on_restart: Callable[[str], None] = lambda reason: None,
     ) -> None:
@@ -90,6 +92,7 @@ class WorkerPool:
         self._layout = layout
         self._restart_backoff_s = restart_backoff_s
         self._log_level = log_level
+        self._log_format = log_format
         self._stand_in = stand_in
         self._on_restart = on_restart
         self._context = multiprocessing.get_context("spawn")
@@ -202,6 +205,7 @@ class WorkerPool:
             tuple(s.name for s in replica.segments),
             self._layout,
             self._log_level,
+            self._log_format,
             self._stand_in,
         )
         parent_end, child_end = self._context.Pipe()

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from rerank_server.families.base import ModelSpec, Row, Scorer, pack_rows
+from rerank_server.logs import LogFormat, configure_logging
 from rerank_server.transport.shm import AttachedSegment, BatchDescriptor, SegmentLayout
 from rerank_server.workers.devices import ReplicaPlan
 from rerank_server.workers.stand_in import StandIn
@@ -44,6 +45,7 @@ class WorkerConfig:
     segment_names: tuple[str, ...]
     layout: SegmentLayout
     log_level: str = "INFO"
+    log_format: LogFormat = "text"  # the front-end's, resolved
     stand_in: StandIn | None = None  # a model's stand-in (measuring the server alone): no weights
 
 
@@ -91,9 +93,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     # Progress bars are noise in a server log (and tqdm's multiprocessing lock leaks a semaphore).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(
-        level=config.log_level, format=f"%(asctime)s worker-{config.name} %(levelname)s %(message)s"
-    )
+    configure_logging(config.log_level, config.log_format, replica=config.name)
     try:
         scorer = _load(config)
         segments = [AttachedSegment(name, config.layout) for name in config.segment_names]
