@@ -80,7 +80,7 @@ class _PoolEvents:
 
 
 class _Health:
-    """SERVING while every model has a ready replica, NOT_SERVING otherwise; frozen once draining."""
+    """Health as set_health says, from the models' ready replicas; NOT_SERVING and frozen once draining."""
 
     def __init__(self, servicer: AsyncHealthServicer) -> None:
         self.servicer = servicer
@@ -91,15 +91,24 @@ class _Health:
     def update(self) -> None:
         if self.draining or self.models is None:
             return
-        status = SERVING if self.models.all_ready() else NOT_SERVING
-        task = asyncio.create_task(set_health(self.servicer, status))
+        task = asyncio.create_task(
+            set_health(
+                self.servicer,
+                SERVING if self.models.all_ready() else NOT_SERVING,
+                reranker=SERVING if self.models.any_ready() else NOT_SERVING,
+            )
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-async def set_health(servicer: AsyncHealthServicer, status: int) -> None:
-    for service in ("", SERVICE_NAME):
-        await servicer.set(service, status)
+async def set_health(servicer: AsyncHealthServicer, status: int, *, reranker: int | None = None) -> None:
+    """`status` of the whole server (""): every model has a ready replica; `reranker` (default: the
+    same) of SERVICE_NAME, which balancing clients and readiness probes watch: some model has one,
+    so the server takes calls (those for a model without a replica get UNAVAILABLE, and are retried
+    elsewhere)."""
+    await servicer.set("", status)
+    await servicer.set(SERVICE_NAME, status if reranker is None else reranker)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_the_readme_client_example_runs_as_written(start_server: StartServer) ->
     (example,) = [
         block
         for block in re.findall(r"```python\n(.*?)```", readme, re.S)
-        if "RerankerClient(" in block and "tls_credentials" not in block  # the plaintext example
+        if "with RerankerClient(" in block and "tls_credentials" not in block  # the plaintext example
     ]
     server = start_server("--cpu-replicas", "1")
     ran = subprocess.run(

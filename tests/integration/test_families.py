@@ -253,12 +253,17 @@ def test_one_models_crash_leaves_the_others_serving(server: ServerProcess, clien
     pid = replica_pid(server, "m1/0")  # gemma, the second model
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
+    health: set[tuple[str, str]] = set()  # (the whole server, the Reranker service) as seen meanwhile
     while replica_pid(server, "m1/0") == pid and time.monotonic() < deadline:
         # Every other model answers while gemma's only replica is down and restarting.
         for name in ("bert", "qwen3", "layerwise"):
             assert len(client.rerank(QUERY, DOCUMENTS[:2], model=name).results) == 2
+        health.add((client.health(), client.health("rerank.v1.Reranker")))
         time.sleep(0.05)
     assert replica_pid(server, "m1/0") != pid, "gemma's replica was not replaced"
+    # The server is not whole, yet takes calls: balancing clients and readiness probes keep it.
+    assert ("NOT_SERVING", "SERVING") in health
+    assert {reranker for _, reranker in health} == {"SERVING"}
     deadline = time.monotonic() + 30
     while client.health() != "SERVING" and time.monotonic() < deadline:
         time.sleep(0.1)

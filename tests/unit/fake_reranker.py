@@ -187,6 +187,8 @@ class FakeServer:
         self.reranker = FakeReranker()
         self.health = FakeHealth(self.reranker)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        # As rerank-server does: a balancing client sends calls only to a server SERVING this service.
+        self.health.set("rerank.v1.Reranker", health_pb2.HealthCheckResponse.SERVING)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         reranker_pb2_grpc.add_RerankerServicer_to_server(self.reranker, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

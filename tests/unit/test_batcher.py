@@ -238,6 +238,54 @@ def test_interactive_pairs_go_first_and_alone_while_bulk_ones_wait() -> None:
     assert {p.owner for p in queue.next_batch(1.0).pairs} == {stream}
 
 
+def test_bulk_work_starved_past_the_bound_gets_one_capped_batch_then_calls_lead_again() -> None:
+    queue = make_queue(tokens=1000, size=100, wait=10.0)
+    stream, call = Owner("stream", bulk=True), Owner("call")
+    assert not queue.bulk_starved(100.0, 1.0)  # no bulk work queued
+    queue.push(stream, pairs(stream, [50] * 10, at=1.0))
+    queue.push(call, pairs(call, [50] * 60, at=1.0))
+    assert not queue.bulk_starved(1.9, 1.0)
+    assert queue.bulk_starved(2.0, 1.0)
+    starved = queue.next_batch(2.0, bulk_max_tokens=120, bulk_first=True)
+    assert [p.owner for p in starved.pairs] == [stream, stream]  # cut to its cap, though calls wait
+    assert not queue.bulk_starved(2.9, 1.0)  # a bulk batch restarts the clock
+    assert queue.bulk_starved(3.0, 1.0)
+    assert {p.owner for p in queue.next_batch(2.9, bulk_max_tokens=120).pairs} == {call}
+    queue.drop(call)
+    assert queue.next_batch(3.0, bulk_max_tokens=1000).pairs == []  # not full: held for max_wait
+    assert len(queue.next_batch(3.0, bulk_max_tokens=1000, bulk_first=True).pairs) == 8  # never held
+
+
+def test_a_bulk_first_batch_is_an_interactive_one_when_no_bulk_pairs_are_left() -> None:
+    queue = make_queue(tokens=1000, size=100)
+    stream, call = Owner("stream", bulk=True), Owner("call")
+    queue.push(stream, pairs(stream, [50] * 2))
+    queue.push(call, pairs(call, [50] * 3))
+    stream.closed = True
+    plan = queue.next_batch(1.0, bulk_max_tokens=60, bulk_first=True)
+    assert [p.owner for p in plan.pairs] == [call] * 3
+    assert plan.dropped_pairs == 2
+
+
+def test_bulk_work_coming_into_a_queue_with_none_starts_its_own_clock() -> None:
+    queue = make_queue(tokens=1000, size=100)
+    first, second, call = Owner("first", bulk=True), Owner("second", bulk=True), Owner("call")
+    queue.push(call, pairs(call, [50] * 10, at=0.0))
+    queue.push(first, pairs(first, [50] * 4, at=0.0))
+    queue.push(second, pairs(second, [50] * 4, at=0.5))  # joins waiting bulk work: its clock
+    assert queue.bulk_starved(1.0, 1.0)
+    queue.drop(first)
+    queue.drop(second)
+    later = Owner("later", bulk=True)
+    queue.push(later, pairs(later, [50] * 4, at=5.0))
+    assert not queue.bulk_starved(5.9, 1.0)
+    assert queue.bulk_starved(6.0, 1.0)
+    lost = queue.next_batch(6.0, bulk_max_tokens=1000, bulk_first=True).pairs
+    assert not queue.has_bulk()
+    queue.requeue(lost)  # back from a lost replica: waiting since they were first queued
+    assert queue.bulk_starved(6.0, 1.0)
+
+
 def test_a_bulk_batch_holds_at_most_its_token_cap_and_always_one_pair() -> None:
     queue = make_queue(tokens=1000, size=100)
     stream = Owner("stream", bulk=True)

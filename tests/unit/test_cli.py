@@ -36,8 +36,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     fake = FakeServer().start()
-    # The server's own health service, which balancing clients watch.
-    fake.health.set("rerank.v1.Reranker", health_pb2.HealthCheckResponse.SERVING)
     yield fake
     fake.stop()
 

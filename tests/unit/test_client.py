@@ -61,8 +61,6 @@ def document(i: int) -> str:
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     fake = FakeServer().start()
-    # As rerank-server does: the balanced channel sends calls only to a server SERVING this service.
-    fake.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     yield fake
     fake.stop()
 

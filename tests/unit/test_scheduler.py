@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -521,3 +522,51 @@ async def test_the_queue_gauges_read_queued_tokens_and_the_time_to_run_the_inter
     scheduler.close(waiting)
     scheduler.close(stream)
     assert sample(metrics, "rerank_queued_tokens") == 0
+
+
+async def test_a_stream_under_sustained_interactive_load_gets_one_short_batch_per_bound_and_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One replica (two slots) always has interactive pairs queued; a simulated clock moves on by
+    each batch's time at 1000 padded tokens per second."""
+    pool = FakePool(replicas=1, slots=2)
+    metrics = Metrics()
+    queue = PairQueue(max_batch_tokens=1000, max_batch_size=16, max_pairs=100_000, max_wait=0.0)
+    scheduler = Scheduler(SPEC, queue, pool, metrics.for_model("m"), bulk_batch_s=0.1)
+    clock = [0.0]
+    monkeypatch.setattr(scheduler, "now", lambda: clock[0])
+    speed = 1000.0
+    bulk_runs: list[tuple[float, int]] = []  # (start, padded tokens) of each bulk batch
+
+    def run_next() -> None:
+        """The replica runs its oldest batch (slots run in order); the clock moves on by its time."""
+        replica, batch_id, batch = pool.sent.pop(0)
+        pool.free[replica] += 1
+        padded = batch.rows * batch.width
+        if set(first_tokens(batch).tolist()) == {2}:  # the stream's rows start with 2, calls' with 1
+            bulk_runs.append((clock[0], padded))
+        clock[0] += padded / speed
+        scheduler.on_batch_done(batch_id, first_tokens(batch).astype(np.float32), padded / speed)
+
+    def keep_calls_queued() -> None:
+        while queue.interactive_tokens < 300:  # more than two interactive batches
+            call = scheduler.open(lambda idx, sc: None, timeout=None)
+            scheduler.submit(call, encoded([1] * 4, length=8))
+
+    keep_calls_queued()
+    run_next()  # timed: 1000 tokens per second, so a bulk batch holds 100 tokens
+    stream = scheduler.open(lambda idx, sc: None, timeout=None, bulk=True)
+    started = clock[0]
+    scheduler.submit(stream, encoded([2] * 5000, length=10))
+    while clock[0] < started + 20:
+        keep_calls_queued()
+        assert sum(first_tokens(batch)[0] == 2 for _, _, batch in pool.sent) <= 1  # one bulk batch at most
+        run_next()
+    starts = [start for start, _ in bulk_runs]
+    # The first within the bound (1 s) and the batch it waits behind (128 ms, 16 rows of 8).
+    assert started + 1.0 <= starts[0] <= started + 1.0 + 2 * 0.128
+    gaps = [b - a for a, b in pairwise(starts)]
+    assert all(1.0 <= gap <= 1.0 + 2 * 0.128 for gap in gaps)  # its share, and no more
+    assert all(padded <= 100 for _, padded in bulk_runs)  # each about bulk_batch_s: 100 ms
+    share = sum(padded for _, padded in bulk_runs) / speed / (clock[0] - started)
+    assert 0.08 <= share <= 0.1

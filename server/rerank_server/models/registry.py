@@ -73,3 +73,6 @@ class ModelRegistry:
 
     def all_ready(self) -> bool:
         return all(model.ready_replicas() > 0 for model in self)
+
+    def any_ready(self) -> bool:
+        return any(model.ready_replicas() > 0 for model in self)

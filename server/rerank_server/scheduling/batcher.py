@@ -12,7 +12,10 @@ length); an unfilled batch waits up to `max_wait` for more pairs.
 
 Interactive requests come before bulk ones (streams): while any interactive pair is queued,
 batches hold interactive pairs only, and a bulk batch may be held to fewer tokens (the scheduler
-sizes it to a short time), so an interactive request never waits long behind bulk work.
+sizes it to a short time), so an interactive request never waits long behind bulk work. So that
+streams are not starved by sustained interactive load, the queue keeps the time since bulk work
+last got a batch (`bulk_starved`); once that is too long, the scheduler asks for the next batch to
+be a bulk one (`next_batch(bulk_first=True)`).
 
 The queue is bounded in pairs and in tokens (its memory). An interactive request past either bound,
 or one that would wait longer than `max_delay` behind the interactive work queued ahead of it, is
@@ -106,6 +109,8 @@ class PairQueue:
         self._size = 0
         self.tokens = 0  # real tokens queued, of every owner
         self.interactive_tokens = 0  # of those, the interactive owners'
+        # While bulk pairs are queued: when bulk work last got a batch, or came into a queue with none.
+        self._bulk_since = 0.0
 
     def __len__(self) -> int:
         return self._size
@@ -155,12 +160,18 @@ class PairQueue:
                 f"queue full for streams: {self._size} pairs and {self.tokens} tokens queued; retry later"
             )
         added = len(ordered)
+        self._note_bulk_arrival(owner, ordered)
         queued = self._by_owner.get(owner)
         if queued:
             ordered = sorted([*queued, *ordered], key=lambda p: p.length, reverse=True)
         self._by_owner[owner] = ordered
         self._size += added
         self._count_tokens(owner, tokens)
+
+    def _note_bulk_arrival(self, owner: PairOwner, pairs: list[QueuedRow]) -> None:
+        """Bulk pairs coming into a queue with none start the clock of `bulk_starved`."""
+        if owner.bulk and not self.has_bulk():
+            self._bulk_since = min(pair.enqueued_at for pair in pairs)
 
     def _count_tokens(self, owner: PairOwner, tokens: int) -> None:
         """Add (or, negative, remove) an owner's queued tokens."""
@@ -174,6 +185,7 @@ class PairQueue:
         for pair in pairs:
             by_owner.setdefault(pair.owner, []).append(pair)
         for owner, owned in by_owner.items():
+            self._note_bulk_arrival(owner, owned)
             queue = self._by_owner.setdefault(owner, [])
             for pair in reversed(owned):  # before the owner's pairs of the same length, in order
                 bisect.insort_left(queue, pair, key=_descending)
@@ -203,11 +215,25 @@ class PairQueue:
         return [owner for owner in self._by_owner if not owner.bulk]
 
     def has_interactive(self) -> bool:
-        """Whether the next batch will be an interactive one."""
+        """Whether interactive pairs are queued (the next batch is theirs, unless `bulk_first`)."""
         return any(not owner.bulk for owner in self._by_owner)
 
+    def has_bulk(self) -> bool:
+        """Whether bulk pairs are queued."""
+        return self.tokens > self.interactive_tokens  # every row holds at least one token
+
+    def bulk_starved(self, now: float, after: float) -> bool:
+        """Whether bulk pairs are queued and have had no batch for `after` seconds."""
+        return self.has_bulk() and now - self._bulk_since >= after
+
     def next_batch(
-        self, now: float, *, flush: bool = False, spread: int = 1, bulk_max_tokens: int | None = None
+        self,
+        now: float,
+        *,
+        flush: bool = False,
+        spread: int = 1,
+        bulk_max_tokens: int | None = None,
+        bulk_first: bool = False,
     ) -> BatchPlan:
         """Cut the next batch. Pairs of closed or expired owners are dropped, never batched.
 
@@ -215,7 +241,8 @@ class PairQueue:
         request that would fit one batch still runs on every idle replica at once. A batch that
         is not full is held (empty plan with `wait_until`) until its oldest pair has waited
         `max_wait`, unless `flush` is set. A bulk batch holds at most `bulk_max_tokens` padded
-        tokens (and always one pair).
+        tokens (and always one pair). With `bulk_first` (bulk work starved), the batch is a bulk
+        one though interactive pairs are queued, and it is never held.
         """
         plan = BatchPlan()
         for owner in list(self._by_owner):
@@ -226,11 +253,15 @@ class PairQueue:
 
         if not self._by_owner:
             return plan
-        # Interactive owners alone while they have pairs; else the bulk ones.
-        owners = [owner for owner in self._by_owner if not owner.bulk] or list(self._by_owner)
+        # Interactive owners alone while they have pairs (unless bulk work is starved); else the bulk ones.
+        bulk = [owner for owner in self._by_owner if owner.bulk]
+        interactive = [owner for owner in self._by_owner if not owner.bulk]
+        owners = bulk if bulk_first and bulk else interactive or bulk
         max_tokens = self.max_batch_tokens
-        if owners[0].bulk and bulk_max_tokens is not None:
-            max_tokens = min(max_tokens, bulk_max_tokens)
+        if owners[0].bulk:
+            flush = flush or bulk_first
+            if bulk_max_tokens is not None:
+                max_tokens = min(max_tokens, bulk_max_tokens)
         size = sum(len(self._by_owner[owner]) for owner in owners)
         share = -(-size // spread) if spread > 1 else self.max_batch_size  # ceil(size / spread)
         max_rows = min(self.max_batch_size, share)
@@ -279,6 +310,8 @@ class PairQueue:
                 del self._by_owner[owner]
         plan.pairs = taken
         self._size -= len(taken)
+        if lead.bulk:
+            self._bulk_since = now
         # The lead request goes to the back so the next batch is led by another request.
         if lead in self._by_owner:
             self._by_owner.move_to_end(lead)

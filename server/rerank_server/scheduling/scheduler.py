@@ -8,7 +8,11 @@ max_wait for more pairs, time it would spend waiting for the replica anyway.
 Bulk work (streams) is kept short in time so that interactive requests get through it: a bulk
 batch holds about `bulk_batch_s` of work at the replicas' measured speed (padded tokens per
 second), and goes only to a replica with nothing in flight, so a new interactive request waits at
-most for one such batch.
+most for one such batch. Interactive work comes first, but it must not starve streams: once bulk
+work has had no batch for `bulk_batch_s / BULK_MIN_SHARE` (1 s by default) while interactive pairs
+are queued, the next batch interactive work would have had (in a busy replica or not) is one bulk
+batch instead. Under sustained interactive load streams so get about BULK_MIN_SHARE of one
+replica, and an interactive request waits at most one bulk batch more.
 
 Faults: a batch running far longer than its size predicts marks its replica hung (the watchdog),
 which the pool then replaces, and the batch runs once more elsewhere, as after any lost replica. A
@@ -130,6 +134,9 @@ BULK_OUTAGE_S = 60.0
 FIRST_BULK_TOKENS = 2048
 # Weight of the latest batch in the replicas' speed (padded tokens per second), a moving average.
 SPEED_WEIGHT = 0.2
+# Under sustained interactive load, bulk work still gets about this share of one replica's time: one
+# bulk batch (bulk_batch_s of work) once bulk work has waited bulk_batch_s / BULK_MIN_SHARE.
+BULK_MIN_SHARE = 0.1
 
 
 class Scheduler:
@@ -175,7 +182,7 @@ class Scheduler:
     ) -> Ticket:
         """A request's ticket; on_failure hears of its failure at once, for callers that are not
         waiting on the ticket when it fails (a stream waiting for the client's next message).
-        A bulk request's pairs wait while interactive ones are queued."""
+        A bulk request's pairs wait while interactive ones are queued (up to a bound: BULK_MIN_SHARE)."""
         now = self.now()
         return Ticket(None if timeout is None else now + timeout, on_scores, now, on_failure, bulk)
 
@@ -259,13 +266,21 @@ class Scheduler:
     def pump(self) -> None:
         """Fill idle replicas with batches while there is work."""
         self._dispatch_isolated()
-        while (replica := self._replicas.idle_replica(busy_ok=self._queue.has_interactive())) is not None:
+        while True:
+            now = self.now()
+            interactive = self._queue.has_interactive()
+            # Starved bulk work takes the next batch interactive work would have had (busy replica or not).
+            starved = interactive and self._queue.bulk_starved(now, self._bulk_batch_s / BULK_MIN_SHARE)
+            replica = self._replicas.idle_replica(busy_ok=interactive)
+            if replica is None:
+                break
             # An unfilled batch waits for more pairs only where it would wait for the replica anyway.
             plan = self._queue.next_batch(
-                self.now(),
+                now,
                 flush=not self._replicas.busy(replica),
                 spread=self._replicas.idle_count,
                 bulk_max_tokens=self.bulk_max_tokens(),
+                bulk_first=starved,
             )
             for owner in plan.expired:
                 _ticket(owner).fail(DeadlineExceededError("deadline passed while queued"))
