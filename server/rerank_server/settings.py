@@ -52,6 +52,13 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port, logged at start).")
+    http_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="HTTP/JSON port of the Cohere- and Jina-compatible rerank API (POST /v1/rerank, "
+        "/v2/rerank; GET /v1/models, /health), with the gRPC port's host, TLS and tokens (0 = off).",
+    )
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
     metrics_host: str = Field("0.0.0.0", description="Address the metrics port listens on.")
     tls_cert: str = Field(
