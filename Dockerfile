@@ -2,7 +2,7 @@
 # image is much smaller (no CUDA) and serves on CPU cores (RERANK_CPU_REPLICAS workers).
 #   docker build -t rerank-server:gpu .
 #   docker build -t rerank-server:cpu --build-arg VARIANT=cpu .
-#   docker run --gpus all -p 50051:50051 -p 9400:9400 -v rerank-models:/models \
+#   docker run --gpus all -p 50051:50051 -p 8080:8080 -p 9400:9400 -v rerank-models:/models \
 #     -e RERANK_MODEL=BAAI/bge-reranker-v2-m3 rerank-server:gpu
 # A builder stage installs everything into /opt/venv; the final stage copies that venv onto the same
 # base, so pip's caches, the source tree and the venv tooling stay out of the image.
@@ -66,8 +66,9 @@ USER 10001:10001
 WORKDIR /home/rerank
 VOLUME ["/models"]
 
-ENV RERANK_HOST=0.0.0.0 RERANK_PORT=50051 RERANK_METRICS_PORT=9400
-EXPOSE 50051 9400
+# gRPC, the HTTP/JSON API (Cohere- and Jina-compatible) and Prometheus metrics.
+ENV RERANK_HOST=0.0.0.0 RERANK_PORT=50051 RERANK_HTTP_PORT=8080 RERANK_METRICS_PORT=9400
+EXPOSE 50051 8080 9400
 
 # Health through the standard grpc.health.v1 service, with the project's own client (Docker only:
 # Kubernetes ignores HEALTHCHECK and uses the probes in deploy/kubernetes).

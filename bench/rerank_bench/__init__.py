@@ -6,10 +6,11 @@ the server has to justify its extra processes against it on the same model, dtyp
 
 Run from the repository root: `.venv/bin/python -m bench.rerank_bench --help`. One module per job:
 workloads (the texts), model (the MiniLM-shaped cross-encoder), loadgen (closed and open loop
-clients), figures (from samples to a phase's figures and targets), baseline (in-process), harness
-(the server subprocess, shared with the integration tests), machine (/proc), scenarios (what is
-measured), precision (bfloat16 against float32), profiling (py-spy), peer (another server over
-HTTP), report (JSON, markdown, plots, docs/performance.md).
+clients), http_load (the HTTP/JSON API as a load driver), figures (from samples to a phase's
+figures and targets), baseline (in-process), harness (the server subprocess, shared with the
+integration tests), machine (/proc), scenarios (what is measured), precision (bfloat16 against
+float32), profiling (py-spy), peer (another server over HTTP), report (JSON, markdown, plots,
+docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Command line: `.venv/bin/python -m bench.rerank_bench [--scenarios a,b] [--duration S] ...`.
 
-Runs the chosen scenarios (default: all), prints the tables, merges this run's scenarios into the
-results JSON and renders docs/performance.md and its plots from it. Exits 1 when a scenario failed
-or a server did not shut down cleanly; a missed target is a finding, not a failure.
+Runs the chosen scenarios (default: all but http), prints the tables, merges this run's scenarios
+into the results JSON and renders docs/performance.md and its plots from it. Exits 1 when a scenario
+failed or a server did not shut down cleanly; a missed target is a finding, not a failure.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from . import log
 from .machine import machine_facts
 from .model import build_model_in_subprocess
 from .report import all_clean, load, merge, render, write_docs
-from .scenarios import SCENARIOS, Bench, Settings
-from .workloads import TokenCounter, default_tokenizer_path
+from .scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, Settings
+from .workloads import SHAPES, TokenCounter, default_tokenizer_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
@@ -45,6 +45,13 @@ def _shares(text: str) -> tuple[float, ...]:
     return values
 
 
+def _workloads(text: str) -> tuple[str, ...]:
+    names = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not names or not set(names) <= set(SHAPES):
+        raise argparse.ArgumentTypeError(f"workloads are {', '.join(SHAPES)}; got {text!r}")
+    return names
+
+
 def _scenarios(text: str) -> list[str]:
     names = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [name for name in names if name not in SCENARIOS]
@@ -62,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--scenarios",
         type=_scenarios,
-        default=list(SCENARIOS),
-        help=f"comma-separated: {','.join(SCENARIOS)}",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated: {','.join(SCENARIOS)} (default: all but http)",
     )
     add(
         "--model",
@@ -104,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a peer server's command with {model} and {port}, serving POST /rerank (throughput)",
     )
     add("--peer-model", default=d.peer_model, help="the model name the peer's requests carry ('' = none)")
+    add(
+        "--http-workloads",
+        type=_workloads,
+        default=d.http_workloads,
+        help="workloads the http scenario runs over gRPC and HTTP at each --clients count",
+    )
     add("--out", type=Path, default=DEFAULT_OUT, help="results JSON (this run's scenarios replace its own)")
     add("--docs", type=Path, default=DEFAULT_DOCS, help="the performance page to write, plots beside it")
     add("--no-docs", action="store_true", help="do not write the performance page and plots")

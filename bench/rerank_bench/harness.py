@@ -66,10 +66,13 @@ class Shutdown:
 
 
 class ServerProcess:
-    """`rerank-server ARGS --host 127.0.0.1 --port 0 --metrics-port FREE`, started and listening.
+    """`rerank-server ARGS --host 127.0.0.1 --port 0 --metrics-port FREE --http-port FREE`, started
+    and listening.
 
     The constructor returns once the server logged its port (`target`); `wait_serving` waits for
-    health SERVING. Use it as a context manager so a failure kills it and its children.
+    health SERVING. The HTTP API is at `http_url` (https:// with --tls-cert; None when ARGS turn it
+    off with --http-port 0, a port ARGS give is kept). Use it as a context manager so a failure
+    kills it and its children.
     """
 
     def __init__(
@@ -80,14 +83,20 @@ class ServerProcess:
         listen_timeout: float = 120,
     ) -> None:
         self.metrics_port = free_port()
+        args = [str(arg) for arg in args]
+        # Not "any port" (0 turns HTTP off): a free one, so servers started side by side never collide.
+        http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_port()
+        scheme = "https" if "--tls-cert" in args else "http"
+        self.http_url = f"{scheme}://127.0.0.1:{http_port}" if http_port else None
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [
             str(SERVER_SCRIPT),
-            *map(str, args),
+            *args,
             "--host", "127.0.0.1",
             "--port", "0",
             "--metrics-port", str(self.metrics_port),
+            *(() if "--http-port" in args else ("--http-port", str(http_port))),
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command,

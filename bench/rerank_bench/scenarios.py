@@ -26,6 +26,7 @@ from . import log
 from .baseline import run_baseline, server_cpu_dtype
 from .figures import BATCH_METRICS, Outcome, Phase, batch_figures, ratio, rounded, summarize, target
 from .harness import ServerProcess
+from .http_load import http_sender
 from .loadgen import Connect, closed_loop, grpc_sender, open_loop
 from .machine import cores, machine_busy_seconds, proc_cpu_seconds, proc_memory_mib
 from .peer import PeerProcess
@@ -57,6 +58,7 @@ class Settings:
     bf16_requests: int = 48
     peer_command: str = ""
     peer_model: str = ""
+    http_workloads: tuple[str, ...] = ("tiny", "mixed")
 
 
 @dataclass
@@ -504,6 +506,84 @@ def bf16(bench: Bench) -> Outcome:
     return out
 
 
+def http(bench: Bench) -> Outcome:
+    """The same workloads through gRPC and through the HTTP/JSON API (POST /v2/rerank) of one server
+    at its defaults, phase by phase: what the HTTP edge costs a client in latency and throughput and
+    the front-end in CPU; then under `--scorer null`, where the front-end's own cost is all there is
+    (uniform requests, and tiny ones, where the cost per request dominates)."""
+    s = bench.settings
+    out = bench.outcome("http")
+    loads = [(name, clients) for name in s.http_workloads for clients in s.clients]
+    out.phases += both_protocols(bench, out, ("http", "server"), [], loads)
+    null_loads = [("uniform", s.frontend_clients), ("tiny", s.frontend_clients)]
+    null = ("http-null", "server, null scorer")
+    out.phases += both_protocols(bench, out, null, ["--scorer", "null"], null_loads)
+    out.notes["http_against_grpc"] = compare_protocols(out.phases)
+    return out
+
+
+def both_protocols(
+    bench: Bench, out: Outcome, names: tuple[str, str], flags: list[str], loads: list[tuple[str, int]]
+) -> list[Phase]:
+    """A server with `flags` (named: its log, its phases' setup); each (workload, clients) load
+    through gRPC, then through HTTP."""
+    s = bench.settings
+    name, setup = names
+    phases = []
+    with serving(bench, out, name, flags) as server:
+        with RerankerClient(server.target, retry=None, timeout=10) as client:
+            model = client.list_models()[0].name
+        drivers = {
+            "gRPC": grpc_sender(server.target, s.request_timeout),
+            "HTTP": http_sender(server.http_url, model, s.request_timeout),
+        }
+        processes = server_processes(server)
+        for workload_name, clients in loads:
+            workload = bench.workload(workload_name)
+            out.notes[f"workload_{workload_name}"] = workload.facts()
+            for protocol, connect in drivers.items():
+                phase = measure(
+                    f"{setup}, {protocol}", workload, connect, s, processes, server=server, clients=clients
+                )
+                phases.append(phase)
+    return phases
+
+
+def per_1000_pairs(phase: Phase, process: str) -> float | None:
+    """A process's CPU seconds in the window per 1000 pairs scored in it."""
+    pairs = phase.pairs_per_s * phase.seconds
+    return round(1000 * phase.cpu_seconds[process] / pairs, 4) if pairs else None
+
+
+# The figures set side by side for each protocol, in the comparison's columns.
+PROTOCOL_FIGURES: dict[str, Callable[[Phase], float | None]] = {
+    "pairs/s": lambda p: p.pairs_per_s,
+    "p50 ms": lambda p: p.latency_ms.get("p50"),
+    "p99 ms": lambda p: p.latency_ms.get("p99"),
+    "front-end CPU s/1000 pairs": lambda p: per_1000_pairs(p, "front-end"),
+    "client CPU s/1000 pairs": lambda p: per_1000_pairs(p, "benchmark"),
+}
+
+
+def compare_protocols(phases: list[Phase]) -> list[dict[str, object]]:
+    """One row per setup, workload and load measured over both protocols (phases "<setup>, gRPC"
+    and "<setup>, HTTP"): each figure for gRPC and HTTP side by side, and HTTP's throughput as a
+    share of gRPC's."""
+    by_key = {(p.setup, p.workload, p.load): p for p in phases}
+    rows: list[dict[str, object]] = []
+    for (setup, workload, load), grpc in by_key.items():
+        base, _, protocol = setup.rpartition(", ")
+        http_phase = by_key.get((f"{base}, HTTP", workload, load))
+        if protocol != "gRPC" or http_phase is None:
+            continue
+        row: dict[str, object] = {"setup": base, "workload": workload, "load": load}
+        for figure, of in PROTOCOL_FIGURES.items():
+            row |= {f"{figure} gRPC": of(grpc), f"{figure} HTTP": of(http_phase)}
+        row["HTTP / gRPC pairs/s"] = ratio(http_phase.pairs_per_s, grpc.pairs_per_s)
+        rows.append(row)
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {
     "throughput": throughput,
     "tiny": tiny,
@@ -511,7 +591,10 @@ SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {
     "devices": devices,
     "interactive": interactive,
     "bf16": bf16,
+    "http": http,
 }
+# What a run without --scenarios measures: the HTTP comparison only when asked for.
+DEFAULT_SCENARIOS = [name for name in SCENARIOS if name != "http"]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

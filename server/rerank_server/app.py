@@ -20,7 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from rerank.v1 import reranker_pb2, reranker_pb2_grpc
 
 from rerank_server.edge.auth import BearerTokenInterceptor, TokenStore
-from rerank_server.edge.servicer import CallLimits, RerankerServicer
+from rerank_server.edge.calls import CallLimits, Calls
+from rerank_server.edge.http.routes import HttpRoutes
+from rerank_server.edge.http.server import HttpServer
+from rerank_server.edge.servicer import RerankerServicer
 from rerank_server.edge.tls import server_credentials
 from rerank_server.errors import NoReplicaError
 from rerank_server.families import describe_model, family_of, load_row_builder
@@ -100,6 +103,10 @@ class _Health:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def takes_calls(self) -> bool:
+        """What SERVICE_NAME says (some model has a ready replica, not draining): HTTP's /health."""
+        return not self.draining and self.models is not None and self.models.any_ready()
 
 
 async def set_health(servicer: AsyncHealthServicer, status: int, *, reranker: int | None = None) -> None:
@@ -193,6 +200,23 @@ def grpc_server(
     return server
 
 
+def http_server(settings: ServerSettings, routes: HttpRoutes) -> HttpServer:
+    """The HTTP port with the gRPC port's host and TLS, bound; StartupError when it cannot be."""
+    try:
+        return HttpServer(
+            routes.app(),
+            settings.host,
+            settings.http_port,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_client_ca=settings.tls_client_ca,
+        )
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.http_port} (HTTP): {exc}") from exc
+
+
 async def serve(settings: ServerSettings) -> None:
     """Run the server until SIGTERM/SIGINT, then drain; raises StartupError when it cannot start."""
     stop = asyncio.Event()
@@ -232,6 +256,7 @@ async def serve(settings: ServerSettings) -> None:
     ]
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     schedulers: list[Scheduler] = []
+    http: HttpServer | None = None
     try:
         try:
             metrics.serve(settings.metrics_port, settings.metrics_host)
@@ -292,9 +317,9 @@ async def serve(settings: ServerSettings) -> None:
             settings.max_message_bytes,
         )
         service = RerankService(health.models, limits, executor)
-        servicer = RerankerServicer(
-            service,
+        calls = Calls(
             metrics,
+            health.models,
             CallLimits(
                 settings.max_concurrent_calls,
                 settings.max_concurrent_streams,
@@ -304,6 +329,7 @@ async def serve(settings: ServerSettings) -> None:
             tracer=tracer,
             log_request_text=settings.log_request_text,
         )
+        servicer = RerankerServicer(service, calls)
         server = grpc_server(settings, servicer, health.servicer, tokens)
         address = f"{settings.host}:{settings.port}"
         try:
@@ -315,14 +341,28 @@ async def serve(settings: ServerSettings) -> None:
             # gRPC refuses a key that does not match the certificate only here, as a failed bind.
             mismatch = " (or --tls-key is not the key of --tls-cert)" if credentials else ""
             raise StartupError(f"cannot listen on {address}{mismatch}: {exc}") from exc
+        if settings.http_port:
+            http = http_server(
+                settings,
+                HttpRoutes(
+                    service,
+                    calls,
+                    tokens=tokens,
+                    max_body_bytes=settings.max_message_bytes,
+                    serving=health.takes_calls,
+                ),
+            )
         await server.start()
+        if http is not None:
+            await http.start()
         transport = "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext"
         log.info(
-            "rerank-server listening on %s:%d (%s%s), models %s",
+            "rerank-server listening on %s:%d (%s%s), HTTP %s, models %s",
             settings.host,
             port,
             transport,
             ", bearer tokens" if tokens is not None else "",
+            f"on port {http.port}" if http is not None else "off",
             ", ".join(p.name for p in plans),
         )
         await stop.wait()
@@ -333,9 +373,16 @@ async def serve(settings: ServerSettings) -> None:
         health.draining = service.draining = True
         await set_health(health.servicer, NOT_SERVING)
         began = loop.time()
-        await servicer.calls.wait_idle(settings.grace_period_s)
-        await server.stop(max(0.0, settings.grace_period_s - (loop.time() - began)))
+        await calls.in_flight.wait_idle(settings.grace_period_s)
+        left = max(0.0, settings.grace_period_s - (loop.time() - began))
+        if http is not None:
+            await asyncio.gather(server.stop(left), http.stop(left))
+            http = None
+        else:
+            await server.stop(left)
     finally:
+        if http is not None:  # stopped before its drain
+            await http.stop(0)
         for scheduler in schedulers:
             scheduler.fail_all(NoReplicaError("the server is stopping"))
         for pool in pools:

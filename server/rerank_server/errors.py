@@ -1,4 +1,4 @@
-"""The server's own errors; `edge.status` maps each to a gRPC status code."""
+"""The server's own errors; `edge.status` maps each to a gRPC status code and an HTTP status."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ class ModelError(RerankServerError):
 
 class DeadlineExceededError(RerankServerError):
     pass
+
+
+class MessageTooLargeError(RerankServerError):
+    """A request body over the message size limit, refused before it is parsed."""
 
 
 class UnauthenticatedError(RerankServerError):

@@ -5,9 +5,10 @@ installed. The exporter (endpoint, headers, TLS), the batching and the resource 
 standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_BSP_SCHEDULE_DELAY, ...); the service
 name is OTEL_SERVICE_NAME's, else rerank-server.
 
-Each call is a SERVER span named after its gRPC method, a child of the trace context its caller sent
-(W3C `traceparent` / `tracestate` metadata), with tokenize, queue and inference children timed by the
-call's own timings. Spans carry names and counts, never a query or document.
+Each call is a SERVER span named after its gRPC method (or HTTP route), a child of the trace
+context its caller sent (W3C `traceparent` / `tracestate` metadata or headers), with tokenize, queue
+and inference children timed by the call's own timings. Spans carry names and counts, never a query
+or document.
 """
 
 from __future__ import annotations
@@ -76,12 +77,18 @@ class CallTracer:
         from opentelemetry.trace import SpanKind
 
         started = time.time_ns()
+        http_method, _, route = method.partition(" ")
+        if route:  # an HTTP route, "POST /v2/rerank"
+            name, attributes = method, {"http.request.method": http_method, "http.route": route}
+        else:
+            name = f"{SERVICE}/{method}"
+            attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
         span = self._tracer.start_span(
-            f"{SERVICE}/{method}",
+            name,
             context=propagate.extract(metadata),
             kind=SpanKind.SERVER,
             start_time=started,
-            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+            attributes=attributes,
         )
         return CallSpan(self._tracer, span, started)
 
@@ -111,6 +118,7 @@ class CallSpan:
         span = self._span
         span.set_attributes(
             {
+                # An HTTP call's too: its status's gRPC equivalent, which its log line shows as well.
                 "rpc.grpc.status_code": _status_number(call.code),
                 "rerank.model": call.model,
                 "rerank.documents": call.documents,

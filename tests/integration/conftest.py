@@ -6,6 +6,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from integration.server_process import ServerProcess
@@ -26,10 +27,11 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
 def _starter(log_dir: Path) -> Iterator[StartServer]:
     servers: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
+    def start(*args: str, credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
+        """`credentials`: the server's port speaks TLS, so its health is checked over TLS."""
         server = ServerProcess(list(args), log_dir / f"server-{len(servers)}.log")
         servers.append(server)
-        server.wait_serving()
+        server.wait_serving(credentials=credentials)
         return server
 
     yield start

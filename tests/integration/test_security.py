@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from rerank_client import RerankerClient, RerankError, UnauthenticatedError, Una
 from rerank_server.edge.auth import REFUSAL
 from throwaway_pki import Pki, make_pki
 
+from integration.conftest import StartServer
 from integration.server_process import SERVER_SCRIPT, ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -34,32 +35,10 @@ MARKER = "zanzibar-marker-41d7"
 METRICS_HOST = "127.0.0.2"
 DOCUMENTS = ["Pandas eat bamboo almost all day.", "Paris is the capital of France.", "Bamboo grows fast."]
 
-StartSecured = Callable[..., ServerProcess]
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def start_secured(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[StartSecured]:
-    """Starts TLS servers (health checked over TLS), and stops each cleanly after the module."""
-    log_dir = tmp_path_factory.mktemp("secured-logs")
-    servers: list[ServerProcess] = []
-
-    def start(*args: str, credentials: grpc.ChannelCredentials) -> ServerProcess:
-        server = ServerProcess(list(args), log_dir / f"server-{len(servers)}.log")
-        servers.append(server)
-        server.wait_serving(credentials=credentials)
-        return server
-
-    yield start
-    for server in servers:
-        if server.process.poll() is None:
-            assert server.stop(signal.SIGTERM) == 0, server.log()
-        assert server.orphans == [], f"workers outlived the server:\n{server.log()}"
-        assert server.leftover_shared_memory() == [], "shared memory left in /dev/shm"
 
 
 def write_tokens(path: Path, *tokens: str) -> Path:
@@ -74,10 +53,10 @@ def tls_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_server(
-    start_secured: StartSecured, pki: Pki, tls_tokens: Path, bert_cross_encoder_dir: Path
+    start_module_server: StartServer, pki: Pki, tls_tokens: Path, bert_cross_encoder_dir: Path
 ) -> ServerProcess:
     """TLS, bearer tokens, no reflection, metrics on METRICS_HOST, everything logged."""
-    return start_secured(
+    return start_module_server(
         "--model", str(bert_cross_encoder_dir),
         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--auth-tokens-file", str(tls_tokens),
@@ -88,14 +67,14 @@ def tls_server(
 
 @pytest.fixture(scope="module")
 def mtls_server(
-    start_secured: StartSecured,
+    start_module_server: StartServer,
     pki: Pki,
     tmp_path_factory: pytest.TempPathFactory,
     bert_cross_encoder_dir: Path,
 ) -> ServerProcess:
     """Mutual TLS and bearer tokens, reflection on (the default)."""
     tokens = write_tokens(tmp_path_factory.mktemp("mtls-tokens") / "tokens", TOKEN)
-    return start_secured(
+    return start_module_server(
         "--model", str(bert_cross_encoder_dir),
         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
         "--auth-tokens-file", str(tokens),

@@ -12,7 +12,8 @@ from typing import Any, cast
 import grpc
 import pytest
 from rerank.v1 import reranker_pb2 as pb
-from rerank_server.edge.servicer import CallGate, CallLimits, RerankerServicer
+from rerank_server.edge.calls import CallGate, CallLimits, Calls
+from rerank_server.edge.servicer import RerankerServicer
 from rerank_server.errors import OverloadedError
 from rerank_server.metrics import Metrics
 from rerank_server.types import RankedDocument, RerankQuery, RerankResult
@@ -85,7 +86,7 @@ class SlowService:
 
 
 def servicer(service: SlowService, **limits: Any) -> RerankerServicer:
-    return RerankerServicer(cast(Any, service), Metrics(), CallLimits(**limits))
+    return RerankerServicer(cast(Any, service), Calls(Metrics(), service.models, CallLimits(**limits)))
 
 
 def request() -> pb.RerankRequest:
@@ -164,7 +165,7 @@ async def test_a_stream_whose_client_reads_nothing_is_ended_and_closed() -> None
         "the client read nothing for 0.1 s (stream_idle_timeout_s)",
     )
     assert service.stream_closed  # its queued pairs are dropped at once
-    assert edge.calls.count == 0
+    assert edge.calls.in_flight.count == 0
 
 
 async def test_a_stream_that_sends_no_header_is_ended() -> None:

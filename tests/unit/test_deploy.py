@@ -156,7 +156,7 @@ def test_service_pdb_and_autoscaler_point_at_the_deployment(variant: str) -> Non
     for port in service["ports"]:
         assert port["targetPort"] in ports and port["port"] == ports[port["targetPort"]]["containerPort"]
         assert port["appProtocol"]
-    assert "grpc" in {port["name"] for port in service["ports"]}
+    assert {"grpc", "http"} <= {port["name"] for port in service["ports"]}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -165,7 +165,9 @@ def test_ports_and_probes_are_the_servers(
 ) -> None:
     settings = settings_of(config(variant))
     ports = {port["name"]: port["containerPort"] for port in container(variant)["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.port, "http": settings.http_port, "metrics": settings.metrics_port}
+    # The HTTP API is on, at the port the image exposes and the docs name (the server's default).
+    assert settings.http_port == ServerSettings.model_fields["http_port"].default > 0
     probes = {
         kind: container(variant)[f"{kind}Probe"]["grpc"] for kind in ("startup", "readiness", "liveness")
     }

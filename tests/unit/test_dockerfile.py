@@ -150,11 +150,12 @@ def test_the_health_check_entrypoint_and_ports_are_the_servers() -> None:
     assert "rerank" in scripts  # the command-line client comes with the install
     assert FINAL.args("STOPSIGNAL") == ["SIGTERM"]
     fields = ServerSettings.model_fields
-    port, metrics_port = fields["port"].default, fields["metrics_port"].default
-    assert FINAL.args("EXPOSE") == [f"{port} {metrics_port}"]
+    ports = {name: str(fields[name].default) for name in ("port", "http_port", "metrics_port")}
+    (exposed,) = FINAL.args("EXPOSE")
+    assert sorted(exposed.split()) == sorted(ports.values())  # gRPC, HTTP and metrics, each its default
     for variant in VARIANTS:
         env = variables(FINAL, variant)
-        assert (env["RERANK_PORT"], env["RERANK_METRICS_PORT"]) == (str(port), str(metrics_port))
+        assert {name: env[f"RERANK_{name.upper()}"] for name in ports} == ports
 
 
 def ignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:

@@ -175,3 +175,14 @@ def test_tracing_without_opentelemetry_stops_the_server_at_start(bert_cross_enco
     missing = "needs OpenTelemetry (opentelemetry.sdk.trace is not installed)"
     assert f'{missing}: pip install "rerank-serving[tracing]"' in done.stderr
     assert "listening" not in done.stderr
+
+
+def test_an_http_call_is_a_span_named_by_its_route(exported: tuple[CallTracer, InMemorySpanExporter]) -> None:
+    tracer, exporter = exported
+    span = tracer.start("POST /v2/rerank", {"traceparent": TRACEPARENT})
+    span.end(answered(method="POST /v2/rerank"))
+    call = by_name(exporter.get_finished_spans())["POST /v2/rerank"]
+    assert format(call.context.trace_id, "032x") == TRACE_ID
+    attributes = dict(call.attributes or {})
+    assert (attributes["http.request.method"], attributes["http.route"]) == ("POST", "/v2/rerank")
+    assert "rpc.system" not in attributes
