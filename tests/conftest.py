@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny cross-encoders built offline, and the all-MiniLM-L6-v2 weights a package ships."""
+"""Shared fixtures: tiny cross-encoders built offline, the all-MiniLM-L6-v2 weights a package ships, and
+a throwaway PKI for the TLS tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 from pathlib import Path
 
 import pytest
+from throwaway_pki import Pki, make_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

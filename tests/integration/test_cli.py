@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from rerank_client import RerankerClient, tls_credentials
-from throwaway_pki import Pki, make_pki
+from throwaway_pki import Pki
 
 from integration.conftest import StartServer
 from integration.server_process import ServerProcess
@@ -207,11 +207,6 @@ def test_a_closed_standard_output_exits_quietly(server: ServerProcess) -> None:
 
 
 # --- a TLS server that takes bearer tokens ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

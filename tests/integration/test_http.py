@@ -24,7 +24,7 @@ import httpx
 import pytest
 from rerank_client import RerankerClient, tls_credentials
 from rerank_server.transport.shm import leftover_segments
-from throwaway_pki import Pki, make_pki
+from throwaway_pki import Pki
 
 from integration.conftest import StartServer
 from integration.server_process import SERVER_SCRIPT, ServerProcess
@@ -38,11 +38,6 @@ TOLERANCE = 1e-6
 MAX_DOCUMENTS = 20
 MAX_DOCUMENT_CHARS = 2000
 INSTRUCTION = "Given a question about animals, find what answers it"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("http-pki"))
 
 
 @pytest.fixture(scope="module")

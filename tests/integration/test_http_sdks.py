@@ -25,7 +25,7 @@ from langchain_core.documents import Document
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from llama_index.postprocessor.cohere_rerank import CohereRerank as LlamaIndexCohereRerank
 from rerank_client import RerankerClient, RerankResult, tls_credentials
-from throwaway_pki import Pki, make_pki
+from throwaway_pki import Pki
 
 from integration.conftest import StartServer
 from integration.server_process import ServerProcess
@@ -203,11 +203,6 @@ def test_http_calls_are_not_held_back_by_nagle(server: ServerProcess) -> None:
 
 
 # --- TLS and bearer tokens -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

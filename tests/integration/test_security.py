@@ -36,11 +36,6 @@ METRICS_HOST = "127.0.0.2"
 DOCUMENTS = ["Pandas eat bamboo almost all day.", "Paris is the capital of France.", "Bamboo grows fast."]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def write_tokens(path: Path, *tokens: str) -> Path:
     path.write_text("".join(f"  {token}  \n\n" for token in tokens))
     return path

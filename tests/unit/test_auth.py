@@ -16,7 +16,7 @@ from rerank_client.credentials import call_metadata
 from rerank_server.edge import auth
 from rerank_server.edge.auth import REFUSAL, BearerTokenInterceptor, TokenStore, bearer_token
 from rerank_server.edge.tls import server_credentials
-from throwaway_pki import Pki, make_pki
+from throwaway_pki import Pki
 
 TOKEN = "s3cret-token-alpha"
 OTHER = "s3cret-token-beta"
@@ -27,11 +27,6 @@ def tokens_file(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
     path.write_text(f"\n  {TOKEN}  \n\n\t{OTHER}\n   \n")
     return path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- the token store -----------------------------------------------------------------------------
