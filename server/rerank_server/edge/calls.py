@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from rerank_server.edge.status import ErrorStatus, error_status
 from rerank_server.errors import DeadlineExceededError, ModelNotFoundError, OverloadedError
@@ -25,6 +25,17 @@ from rerank_server.logs import LOGGED_DOCUMENTS, CallRecord, request_id
 from rerank_server.metrics import Metrics
 from rerank_server.tracing import CallSpan, CallTracer
 from rerank_server.types import RerankResult
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+async def off_the_loop(in_a_thread: bool, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run `work` in a thread when it is large (a big message to convert, a big reply to encode), so the
+    event loop keeps answering health checks and small calls meanwhile; small work runs in place."""
+    if in_a_thread:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from rerank.v1 import reranker_pb2 as pb
 from rerank.v1 import reranker_pb2_grpc as pb_grpc
 
 from rerank_server.edge import convert
-from rerank_server.edge.calls import Calls, ObservedCall
+from rerank_server.edge.calls import Calls, ObservedCall, off_the_loop
 from rerank_server.errors import DeadlineExceededError, InvalidRequestError
 from rerank_server.logs import REQUEST_ID_KEY, CallRecord
 from rerank_server.service.rerank import RerankService
 from rerank_server.types import RerankResult
-
-_Message = TypeVar("_Message")
-_Own = TypeVar("_Own")
 
 
 class RerankerServicer(pb_grpc.RerankerServicer):
@@ -39,7 +35,8 @@ class RerankerServicer(pb_grpc.RerankerServicer):
                 call.asked(request.model, request.query, request.documents)
                 with self.calls.reranks.admit():
                     async with self.calls.deadline(context.time_remaining()) as timeout:
-                        query = await _off_the_loop(convert.rerank_query, request, len(request.documents))
+                        large = len(request.documents) > DOCUMENTS_ON_THE_LOOP
+                        query = await off_the_loop(large, convert.rerank_query, request)
                         result = await self._service.rerank(query, timeout)
                 call.answered(result)
                 return convert.rerank_response(result)
@@ -84,7 +81,7 @@ class RerankerServicer(pb_grpc.RerankerServicer):
         timeout: float,
         call: ObservedCall,
     ) -> None:
-        header = await _off_the_loop(convert.rerank_query, first, len(first.documents))
+        header = await off_the_loop(len(first.documents) > DOCUMENTS_ON_THE_LOOP, convert.rerank_query, first)
         self._service.check_stream(header)
         # Accepted: the client may send the rest.
         await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
@@ -138,14 +135,6 @@ class RerankerServicer(pb_grpc.RerankerServicer):
 DOCUMENTS_ON_THE_LOOP = 64
 
 
-async def _off_the_loop(
-    convert_message: Callable[[_Message], _Own], message: _Message, documents: int
-) -> _Own:
-    if documents <= DOCUMENTS_ON_THE_LOOP:
-        return convert_message(message)
-    return await asyncio.to_thread(convert_message, message)
-
-
 async def _document_chunks(
     request_iterator: AsyncIterator[pb.StreamRerankRequest], record: CallRecord
 ) -> AsyncIterator[list[str]]:
@@ -154,4 +143,4 @@ async def _document_chunks(
             raise InvalidRequestError("only the first StreamRerank message may be a header")
         texts = message.documents.documents
         record.documents += len(texts)
-        yield await _off_the_loop(convert.documents, texts, len(texts))
+        yield await off_the_loop(len(texts) > DOCUMENTS_ON_THE_LOOP, convert.documents, texts)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rerank_server.edge.auth import REFUSAL, TokenStore, bearer_token
-from rerank_server.edge.calls import Calls
+from rerank_server.edge.calls import Calls, off_the_loop
 from rerank_server.edge.http import convert
 from rerank_server.edge.http.convert import Api
 from rerank_server.edge.status import error_status
@@ -39,7 +39,6 @@ ROUTES = "POST /v1/rerank, POST /v2/rerank, GET /v1/models, GET /health"
 BYTES_ON_THE_LOOP = 256 * 1024
 RESULTS_ON_THE_LOOP = 256
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
@@ -85,7 +84,7 @@ class HttpRoutes:
                 with self._calls.reranks.admit():
                     async with self._calls.deadline() as timeout:
                         body = await self._body(request)
-                        parsed = await _off_the_loop(
+                        parsed = await off_the_loop(
                             len(body) > BYTES_ON_THE_LOOP,
                             convert.rerank_request,
                             body,
@@ -99,7 +98,7 @@ class HttpRoutes:
                 large = len(result.results) > RESULTS_ON_THE_LOOP or (
                     query.return_documents and len(body) > BYTES_ON_THE_LOOP
                 )
-                reply = await _off_the_loop(
+                reply = await off_the_loop(
                     large,
                     _encode_reply,
                     result,
@@ -223,9 +222,3 @@ async def _disconnected(request: Request) -> None:
     """Returns once the client disconnects (the body is read by now: all that comes is that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _off_the_loop(in_a_thread: bool, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    if in_a_thread:
-        return await asyncio.to_thread(work, *args, **kwargs)
-    return work(*args, **kwargs)
