@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +42,16 @@ SERVER_SCRIPT = _server_script()
 
 # The integration tests import this name.
 _alive = alive
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until condition() is true; returns the seconds it took, or raises TimeoutError naming `what`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def free_port() -> int:

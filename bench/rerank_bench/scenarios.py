@@ -25,7 +25,7 @@ from rerank_client import RankedDocument, RerankerClient
 from . import log
 from .baseline import run_baseline, server_cpu_dtype
 from .figures import BATCH_METRICS, Outcome, Phase, batch_figures, ratio, rounded, summarize, target
-from .harness import ServerProcess
+from .harness import ServerProcess, wait_until
 from .http_load import http_sender
 from .loadgen import Connect, closed_loop, grpc_sender, open_loop
 from .machine import cores, machine_busy_seconds, proc_cpu_seconds, proc_memory_mib
@@ -409,7 +409,7 @@ class StreamLoad:
         self._thread.start()
 
     def wait_started(self, timeout: float) -> None:
-        wait_for(lambda: self.scored > 0 or self.outcome != "running", timeout, "the stream's first scores")
+        wait_until(lambda: self.scored > 0 or self.outcome != "running", timeout, "the stream's first scores")
 
     def cancel(self, timeout: float = 60) -> float:
         """Cancel at the next scores (the call is cancelled under the client); seconds it took."""
@@ -595,11 +595,3 @@ SCENARIOS: dict[str, Callable[[Bench], Outcome]] = {
 }
 # What a run without --scenarios measures: the HTTP comparison only when asked for.
 DEFAULT_SCENARIOS = [name for name in SCENARIOS if name != "http"]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.05)

@@ -6,7 +6,7 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 from rerank_client import AsyncRerankerClient, RerankerClient, RerankError
 
 from integration.conftest import StartServer
-from integration.server_process import ServerProcess
+from integration.server_process import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +40,6 @@ def served(server: ServerProcess) -> float:
 def reached(server: ServerProcess) -> float:
     """Rerank calls that reached this server, whatever their outcome (a refusal too)."""
     return server.metric("rerank_requests_total", {"method": "Rerank"})
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.02)
 
 
 def test_calls_are_shared_and_a_draining_replica_gets_none(

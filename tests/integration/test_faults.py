@@ -12,8 +12,7 @@ import pytest
 from rerank_client import InternalError, RerankerClient, RerankResult
 
 from integration.conftest import StartServer
-from integration.server_process import _alive
-from integration.test_lifecycle import wait_until
+from integration.server_process import _alive, wait_until
 from integration.test_serving import QUERY, TOLERANCE, corpus
 
 pytestmark = pytest.mark.integration

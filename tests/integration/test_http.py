@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
-import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,11 +20,10 @@ from typing import Any
 import httpx
 import pytest
 from rerank_client import RerankerClient, tls_credentials
-from rerank_server.transport.shm import leftover_segments
 from throwaway_pki import Pki
 
 from integration.conftest import StartServer
-from integration.server_process import SERVER_SCRIPT, ServerProcess
+from integration.server_process import ServerProcess, wait_until
 from integration.test_serving import QUERY, corpus
 
 pytestmark = pytest.mark.integration
@@ -107,14 +103,6 @@ def error(response: httpx.Response, status: int) -> str:
     body = response.json()
     assert list(body) == ["message"]
     return str(body["message"])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.05)
 
 
 def test_v2_answers_what_grpc_answers(served: ServerProcess, pki: Pki) -> None:
@@ -373,34 +361,6 @@ def test_an_http_call_is_counted_timed_and_logged_like_a_grpc_one(served: Server
         served.metric("rerank_requests_total", {"method": "POST /v1/rerank", "code": "INVALID_ARGUMENT"}) >= 1
     )
     assert served.metric("rerank_calls_in_flight", {"method": "POST /v2/rerank"}) == 0
-
-
-def test_a_busy_port_stops_the_start_with_exit_2(bert_cross_encoder_dir: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        started = subprocess.Popen(
-            [
-                str(SERVER_SCRIPT),
-                "--model",
-                str(bert_cross_encoder_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--http-port",
-                str(port),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _, stderr = started.communicate(timeout=120)
-    assert started.returncode == 2, stderr
-    assert f"cannot listen on 127.0.0.1:{port} (HTTP)" in stderr
-    assert leftover_segments(started.pid) == []
 
 
 def post_busy(server: ServerProcess, pki: Pki, documents: list[str]) -> httpx.Response:

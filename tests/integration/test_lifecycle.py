@@ -15,7 +15,7 @@ from rerank_client import RerankerClient, RerankError, UnavailableError
 from rerank_server.transport.shm import leftover_segments
 
 from integration.conftest import StartServer
-from integration.server_process import ServerProcess, _alive
+from integration.server_process import ServerProcess, _alive, wait_until
 from integration.test_serving import QUERY, corpus
 
 pytestmark = pytest.mark.integration
@@ -30,16 +30,6 @@ def tiny_server(start: StartServer, model: Path, *extra: str) -> ServerProcess:
         "--model", str(model), "--dtype", "float32", "--cpu-replicas", "2", "--restart-backoff-s", "0.5",
         *extra,
     )  # fmt: skip
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    """Poll until condition() is true; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def test_a_killed_worker_loses_no_request_and_is_replaced(
@@ -149,7 +139,17 @@ def test_a_killed_front_end_leaves_no_workers_and_no_shared_memory(
     wait_until(lambda: server.leftover_shared_memory() == [], 30, "shared memory to be freed")
 
 
-def test_a_busy_port_stops_the_start_with_a_clear_message(bert_cross_encoder_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--metrics-port", "cannot serve metrics on port {port}"),
+        ("--http-port", "cannot listen on 127.0.0.1:{port} (HTTP)"),
+    ],
+    ids=["metrics", "http"],
+)
+def test_a_busy_port_stops_the_start_with_a_clear_message(
+    bert_cross_encoder_dir: Path, flag: str, message: str
+) -> None:
     import socket
     import subprocess
 
@@ -159,22 +159,16 @@ def test_a_busy_port_stops_the_start_with_a_clear_message(bert_cross_encoder_dir
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"--port": "0", "--metrics-port": "0", "--http-port": "0", flag: str(port)}
         started = subprocess.Popen(
-            [
-                SERVER_SCRIPT,
-                "--model",
-                bert_cross_encoder_dir,
-                "--host",
-                "127.0.0.1",
-                "--metrics-port",
-                str(port),
-            ],
+            [SERVER_SCRIPT, "--model", bert_cross_encoder_dir, "--host", "127.0.0.1"]
+            + [arg for pair in ports.items() for arg in pair],
             stderr=subprocess.PIPE,
             text=True,
         )
         _, stderr = started.communicate(timeout=120)
-    assert started.returncode == 2
-    assert f"cannot serve metrics on port {port}" in stderr
+    assert started.returncode == 2, stderr
+    assert message.format(port=port) in stderr
     assert leftover_segments(started.pid) == []
 
 

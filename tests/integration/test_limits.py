@@ -28,7 +28,7 @@ from rerank_client import (
 )
 
 from integration.conftest import StartServer
-from integration.server_process import ServerProcess
+from integration.server_process import ServerProcess, wait_until
 from integration.test_serving import QUERY, WORDS, corpus
 
 pytestmark = pytest.mark.integration
@@ -54,14 +54,6 @@ def limited(start_module_server: StartServer, bert_cross_encoder_dir: Path) -> S
         "--stream-window", str(WINDOW),
         "--max-message-mb", "1",
     )  # fmt: skip
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.02)
 
 
 def dropped(server: ServerProcess) -> float:

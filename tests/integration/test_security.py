@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from rerank_server.edge.auth import REFUSAL
 from throwaway_pki import Pki, make_pki
 
 from integration.conftest import StartServer
-from integration.server_process import SERVER_SCRIPT, ServerProcess
+from integration.server_process import SERVER_SCRIPT, ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +80,6 @@ def tls_client(server: ServerProcess, pki: Pki, token: str | None) -> RerankerCl
     return RerankerClient(
         server.target, credentials=tls_credentials(pki.ca), token=token, retry=None, timeout=60
     )
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(0.1)
 
 
 def accepted(server: ServerProcess, pki: Pki, token: str) -> bool:
@@ -169,19 +160,19 @@ def test_sighup_rereads_the_tokens_file(tls_server: ServerProcess, pki: Pki, tls
     try:
         write_tokens(tls_tokens, ROTATED)
         tls_server.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: not accepted(tls_server, pki, TOKEN), "the old token refused")
+        wait_until(lambda: not accepted(tls_server, pki, TOKEN), 30, "the old token refused")
         assert accepted(tls_server, pki, ROTATED)
 
         # A file emptied by mistake keeps the tokens the server has.
         tls_tokens.write_text("\n")
         tls_server.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "not reloaded" in tls_server.log(), "the failed reload logged")
+        wait_until(lambda: "not reloaded" in tls_server.log(), 30, "the failed reload logged")
         assert accepted(tls_server, pki, ROTATED)
         assert not accepted(tls_server, pki, TOKEN)
     finally:
         write_tokens(tls_tokens, TOKEN)
         tls_server.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: accepted(tls_server, pki, TOKEN), "the first token restored")
+        wait_until(lambda: accepted(tls_server, pki, TOKEN), 30, "the first token restored")
     assert tls_server.process.poll() is None  # SIGHUP reloads, it does not stop the server
 
 
